@@ -1,0 +1,98 @@
+"""The config schema: every key a config file may set, with its type and default.
+
+Configs are OmegaConf structured configs built from these dataclasses, so a misspelt key or a
+value of the wrong type is an error. Every number that a spec calls a default is a field here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ClipConfig:
+    # an open_clip model name (ViT-B-16, ViT-L-14, ViT-H-14, ...) or ovseg's tiny test model
+    arch: str = "ViT-B-16"
+    # weights spec: open_clip pretrained tag, "hf-hub:org/name", a local file, or "random"
+    weights: str = "openai"
+    # positional embedding resize: "offset" (scale factor (g+0.1)/sqrt(N)) or "size" (target size)
+    pos_embed_resize: str = "offset"
+    # QuickGELU activations (OpenAI weights); None = as the open_clip pretrained tag says
+    quick_gelu: Optional[bool] = None  # noqa: UP045 (OmegaConf needs Optional)
+
+
+@dataclass
+class DinoConfig:
+    # a timm ViT name (vit_base_patch8_224.dino, vit_base_patch14_dinov2, ...) or "tiny-p8"
+    arch: str = "vit_base_patch8_224.dino"
+    weights: str = "timm"
+    pos_embed_resize: str = "offset"
+
+
+@dataclass
+class SamConfig:
+    arch: str = "vit_b"  # vit_b | vit_l | vit_h | tiny
+    weights: str = ""  # a local SAM checkpoint file, or "random"
+
+
+@dataclass
+class DenseClipConfig:
+    mode: str = "maskclip"  # vanilla | maskclip | sclip | naclip | proxy
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: float = 0.0
+    # NACLIP renormalises the class probabilities to sum 1 after the max over synonyms
+    renormalize: bool = False
+    naclip_sigma: float = 5.0  # Gaussian std in patches
+    proxy_gamma: float = 3.0
+    proxy_beta: float = 1.2
+
+
+@dataclass
+class PamrConfig:
+    steps: int = 0  # 0 = off
+    dilations: list[int] = field(default_factory=lambda: [8, 16])
+
+
+@dataclass
+class InferenceConfig:
+    short_side: int = 336
+    max_long_side: int = 2048
+    crop: int = 224  # 0 = the whole resized image in one window
+    stride: int = 112
+    window_batch: int = 8  # windows per forward: bounds memory, not the image size
+    pad_multiple: int = 0  # zero-pad each window, centred, to a multiple of this (ProxyCLIP: 56)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "dense_clip"
+    device: str = "cpu"
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    dense_clip: DenseClipConfig = field(default_factory=DenseClipConfig)
+    pamr: PamrConfig = field(default_factory=PamrConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+@dataclass
+class TextConfig:
+    templates: str = "openai_imagenet"  # openai_imagenet (80) | vild (14) | single
+    cache_dir: str = ""  # "" = $OVSEG_CACHE or ~/.cache/ovseg
+
+
+@dataclass
+class DatasetsConfig:
+    test: list[str] = field(default_factory=list)
+    train: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    datasets: DatasetsConfig = field(default_factory=DatasetsConfig)
+    output_dir: str = "./output"
+    seed: int = 0

@@ -1,0 +1,1 @@
+"""Data: dataset catalog, readers of the on-disk formats, image reading, transforms."""

@@ -1,0 +1,138 @@
+"""Weights resolution: one spec string per encoder, loaded safely and checked against the model.
+
+A spec is one of
+- ``"random"``: keep the random initialisation (tests, benchmarks of time and memory);
+- a local file ending in ``.pt``, ``.pth``, ``.bin`` or ``.safetensors``;
+- ``"hf-hub:org/name"``: a Hugging Face hub repository (needs network or a filled HF cache);
+- anything else: a library's own pretrained tag (open_clip: ``openai``, ``laion2b_s32b_b79k``;
+  timm: ``timm`` = the default pretrained weights of the timm model name).
+
+Files are read with ``torch.load(weights_only=True)`` or safetensors, never by unpickling code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ovseg.errors import WeightsError
+
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+# checkpoints often wrap the state dict in one of these keys
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """A parsed weights spec. ``kind`` is random | file | hf_hub | tag."""
+
+    kind: str
+    value: str
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == "file"
+
+
+def parse_weights_spec(spec: str) -> WeightsSpec:
+    """Classify a weights spec string (see the module docstring)."""
+    spec = (spec or "").strip()
+    if spec in ("", "random", "none"):
+        return WeightsSpec("random", "")
+    if spec.startswith("hf-hub:"):
+        return WeightsSpec("hf_hub", spec[len("hf-hub:"):])
+    if spec.endswith(WEIGHT_FILE_SUFFIXES) or "/" in spec or spec.startswith("."):
+        return WeightsSpec("file", str(Path(spec).expanduser()))
+    return WeightsSpec("tag", spec)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``).
+
+    A dict wrapping the weights under ``state_dict``/``model``/``module`` is unwrapped.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"weights file {path} does not exist; download the checkpoint on a machine with "
+            "network access and pass its local path"
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or truncated file, or a pickle with code in it
+        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+    for key in _WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {path} does not hold a state dict of tensors")
+    return state
+
+
+def save_state_dict_file(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write a state dict as ``.safetensors`` or a torch file, chosen by the suffix."""
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+
+
+def load_into(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    source: str,
+    expected: str,
+    strip_prefix: str = "",
+) -> None:
+    """Load ``state`` strictly into ``module``; any mismatch is one clear :class:`WeightsError`.
+
+    Args:
+        source: the file or tag the weights came from (named in the error).
+        expected: what the weights should be, e.g. "an open_clip ViT-B-16 state dict".
+        strip_prefix: a key prefix to remove first (e.g. "module." from DDP checkpoints).
+    """
+    if strip_prefix:
+        state = {k[len(strip_prefix):] if k.startswith(strip_prefix) else k: v
+                 for k, v in state.items()}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} shape mismatches (e.g. {'; '.join(wrong_shape[:3])})")
+        raise WeightsError(
+            f"weights {source} do not fit: expected {expected}; " + "; ".join(parts)
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def offline_hint(what: str, config_key: str) -> str:
+    """The sentence every 'cannot fetch' error ends with."""
+    return (
+        f"{what} could not be fetched (no network?). Download the checkpoint on a machine with "
+        f"network access, copy it here and set `{config_key} /path/to/checkpoint` "
+        "(.pt/.pth/.bin/.safetensors)"
+    )

@@ -1,0 +1,73 @@
+"""Resizing of images and logit maps, as the mmcv/mmseg pipelines of the references do it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def rescale_size(h: int, w: int, short_side: int, max_long_side: int) -> tuple[int, int]:
+    """Size of an image resized keeping its aspect ratio, as mmcv's ``rescale_size`` computes it.
+
+    The factor is the largest one that keeps the short side at most ``short_side`` and the long
+    side at most ``max_long_side``: ``min(max_long_side / max(h, w), short_side / min(h, w))``.
+    Each side becomes ``int(side * factor + 0.5)`` (round half up, as mmcv does).
+
+    Args:
+        h, w: size of the input image in pixels (positive).
+        short_side: target length of the short side (e.g. 336).
+        max_long_side: bound on the long side (2048 in every reference config).
+
+    Returns:
+        (new_h, new_w).
+    """
+    if h <= 0 or w <= 0:
+        raise ValueError(f"rescale_size: image size must be positive, got {h}x{w}")
+    if short_side <= 0 or max_long_side <= 0:
+        raise ValueError(
+            f"rescale_size: short_side ({short_side}) and max_long_side ({max_long_side}) "
+            "must be positive"
+        )
+    factor = min(max_long_side / max(h, w), short_side / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an image bilinearly with OpenCV (mmcv's ``imresize`` with ``bilinear``).
+
+    Args:
+        image: (H, W, 3) uint8 RGB (any dtype and channel count cv2 accepts also works).
+        size: (new_h, new_w).
+
+    Returns:
+        (new_h, new_w, 3) array of the input's dtype.
+    """
+    new_h, new_w = (int(s) for s in size)
+    if new_h <= 0 or new_w <= 0:
+        raise ValueError(f"resize_image: target size must be positive, got {new_h}x{new_w}")
+    # cv2 takes (width, height).
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of logit maps (``align_corners=False``), as every reference does it.
+
+    Args:
+        logits: (B, C, h, w) floating tensor.
+        size: (H, W).
+
+    Returns:
+        (B, C, H, W) tensor of the input's dtype; the input itself when it already has that size.
+    """
+    if logits.dim() != 4:
+        raise ValueError(
+            f"resize_logits expects (B, C, h, w) logits, got shape {tuple(logits.shape)}"
+        )
+    target = (int(size[0]), int(size[1]))
+    if tuple(logits.shape[-2:]) == target:
+        return logits
+    return F.interpolate(logits, size=target, mode="bilinear", align_corners=False)

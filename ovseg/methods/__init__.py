@@ -1,0 +1,24 @@
+"""Methods by name: ``ovseg.build_model(cfg)`` looks ``cfg.model.name`` up in ``METHODS``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ovseg.errors import ConfigError
+from ovseg.methods.base import Prediction
+from ovseg.methods.dense_clip import DenseClip, build_dense_clip
+
+METHODS: dict[str, Callable] = {
+    "dense_clip": build_dense_clip,
+}
+
+
+def build_model(cfg):
+    """Build the method ``cfg.model.name`` from a config made by :func:`ovseg.get_config`."""
+    name = cfg.model.name
+    if name not in METHODS:
+        raise ConfigError(f"model.name: unknown method {name!r}; one of {sorted(METHODS)}")
+    return METHODS[name](cfg)
+
+
+__all__ = ["METHODS", "DenseClip", "Prediction", "build_model"]
