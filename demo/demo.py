@@ -142,7 +142,11 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def _write_outputs(
-    output_dir: Path, stem: str, image_path: Path, image: np.ndarray, labels: np.ndarray,
+    output_dir: Path,
+    stem: str,
+    image_path: Path,
+    image: np.ndarray,
+    labels: np.ndarray,
     classes: list[str],
 ) -> None:
     """Write the three outputs of one image; on a failure, none of them is left behind.
@@ -205,7 +209,9 @@ def _run(args: argparse.Namespace) -> int:
     stems = output_stems(image_paths)
     failures = 0
     progress = tqdm(
-        list(zip(image_paths, stems, strict=True)), desc="segmenting", unit="image",
+        list(zip(image_paths, stems, strict=True)),
+        desc="segmenting",
+        unit="image",
         disable=None,
     )
     for image_path, stem in progress:

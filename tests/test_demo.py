@@ -93,6 +93,19 @@ def _rgb(height: int = 40, width: int = 56, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
+def _argv(inputs, output, *rest) -> list[str]:
+    """Demo arguments with a dummy config file, for runs that never load it."""
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    return [
+        "--config-file", "c.yaml", "--input", *map(str, inputs), "--output", str(output),
+        *map(str, rest),
+    ]  # fmt: skip
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
 def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
@@ -118,9 +131,7 @@ def test_good_image_writes_three_files(run_demo, tmp_path: Path, capsys) -> None
     out = tmp_path / "out" / "nested"
     code = run_demo("--input", str(image), "--output", str(out), "--vocab", "cat,dog;puppy,sky")
     assert code == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == [
-        "street.json", "street_labels.png", "street_overlay.png",
-    ]
+    assert _names(out) == ["street.json", "street_labels.png", "street_overlay.png"]
     _check_outputs(out, "street", image, 40, 56, classes=3)
     assert _error_lines(capsys.readouterr().err) == []
 
@@ -136,9 +147,7 @@ def test_corrupt_image_reported_others_done(run_demo, tmp_path: Path, capsys) ->
     errors = _error_lines(stderr)
     assert len(errors) == 1 and "bad.jpg" in errors[0]
     assert "Traceback" not in stderr
-    assert sorted(p.name for p in out.iterdir()) == [
-        "good.json", "good_labels.png", "good_overlay.png",
-    ]
+    assert _names(out) == ["good.json", "good_labels.png", "good_overlay.png"]
 
 
 @pytest.mark.parametrize("kind", ["16bit", "rgba", "gray"])
@@ -161,10 +170,8 @@ def test_same_stem_in_two_folders(run_demo, tmp_path: Path, capsys) -> None:
         (tmp_path / folder).mkdir()
         _save(tmp_path / folder / "photo.png", _rgb(seed=ord(folder)))
     out = tmp_path / "out"
-    code = run_demo(
-        "--input", str(tmp_path / "x"), str(tmp_path / "y" / "*.png"), "--output", str(out),
-        "--vocab", "a,b",
-    )
+    inputs = [str(tmp_path / "x"), str(tmp_path / "y" / "*.png")]
+    code = run_demo("--input", *inputs, "--output", str(out), "--vocab", "a,b")
     assert code == 0, capsys.readouterr().err
     summaries = [json.loads((out / f"{s}.json").read_text())["image"] for s in ("photo", "photo_1")]
     assert summaries == [str(tmp_path / "x" / "photo.png"), str(tmp_path / "y" / "photo.png")]
@@ -189,10 +196,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_vocabulary_fails_before_model(no_model, tmp_path: Path, capsys, vocab: str) -> None:
     image = _save(tmp_path / "x.png", _rgb())
     out = tmp_path / "out"
-    code = demo.main(
-        ["--config-file", "whatever.yaml", "--input", str(image), "--output", str(out),
-         "--vocab", vocab]
-    )
+    code = demo.main(_argv(image, out, "--vocab", vocab))
     assert code == 2
     stderr = capsys.readouterr().err
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: ")
@@ -201,10 +205,7 @@ def test_bad_vocabulary_fails_before_model(no_model, tmp_path: Path, capsys, voc
 
 
 def test_missing_vocabulary_file(no_model, tmp_path: Path, capsys) -> None:
-    code = demo.main(
-        ["--config-file", "c.yaml", "--input", "x.png", "--output", str(tmp_path / "o"),
-         "--vocab-file", str(tmp_path / "classes.txt")]
-    )
+    code = demo.main(_argv("x.png", tmp_path / "o", "--vocab-file", tmp_path / "classes.txt"))
     assert code == 2
     assert _error_lines(capsys.readouterr().err)[0].endswith(
         "give a text file with one class per line"
@@ -212,10 +213,7 @@ def test_missing_vocabulary_file(no_model, tmp_path: Path, capsys) -> None:
 
 
 def test_input_matching_nothing_fails_before_model(no_model, tmp_path: Path, capsys) -> None:
-    code = demo.main(
-        ["--config-file", "c.yaml", "--input", str(tmp_path / "*.jpg"), "--output",
-         str(tmp_path / "o"), "--vocab", "a,b"]
-    )
+    code = demo.main(_argv(tmp_path / "*.jpg", tmp_path / "o", "--vocab", "a,b"))
     assert code == 2
     errors = _error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "*.jpg" in errors[0]
@@ -240,20 +238,14 @@ def test_vocab_and_vocab_file_are_exclusive_and_one_is_required(capsys) -> None:
 )
 def test_overrides_both_forms_and_device(stand_in, tmp_path: Path, tail: list[str]) -> None:
     image = _save(tmp_path / "x.png", _rgb())
-    code = demo.main(
-        ["--config-file", "c.yaml", "--input", str(image), "--output", str(tmp_path / "o"),
-         "--vocab", "a,b", "--device", "cpu", *tail]
-    )
+    code = demo.main(_argv(image, tmp_path / "o", "--vocab", "a,b", "--device", "cpu", *tail))
     assert code == 0
     assert stand_in["overrides"] == ["model.device", "cpu", "model.inference.crop", "448"]
 
 
 def test_default_device(stand_in, tmp_path: Path) -> None:
     image = _save(tmp_path / "x.png", _rgb())
-    demo.main(
-        ["--config-file", "c.yaml", "--input", str(image), "--output", str(tmp_path / "o"),
-         "--vocab", "a"]
-    )
+    demo.main(_argv(image, tmp_path / "o", "--vocab", "a"))
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert stand_in["overrides"] == ["model.device", expected]
 
@@ -272,14 +264,11 @@ def test_interrupt_exits_130_without_partial_outputs(
         original(path, obj)
 
     monkeypatch.setattr(demo, "write_json", interrupted_on_b)
-    code = demo.main(
-        ["--config-file", "c.yaml", "--input", str(first), str(second), "--output", str(out),
-         "--vocab", "a,b", "--device", "cpu"]
-    )
+    code = demo.main(_argv([first, second], out, "--vocab", "a,b", "--device", "cpu"))
     assert code == 130
     assert "Traceback" not in capsys.readouterr().err
     # a's outputs are complete; b's two PNGs were written but removed with the failed JSON
-    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a_labels.png", "a_overlay.png"]
+    assert _names(out) == ["a.json", "a_labels.png", "a_overlay.png"]
 
 
 def test_unwritable_output_is_one_error(
@@ -292,10 +281,7 @@ def test_unwritable_output_is_one_error(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(demo, "write_json", disk_full)
-    code = demo.main(
-        ["--config-file", "c.yaml", "--input", str(image), "--output", str(out),
-         "--vocab", "a,b", "--device", "cpu"]
-    )
+    code = demo.main(_argv(image, out, "--vocab", "a,b", "--device", "cpu"))
     assert code == 2
     errors = _error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "No space left on device" in errors[0]
@@ -305,10 +291,7 @@ def test_unwritable_output_is_one_error(
 def test_output_is_a_file(no_model, tmp_path: Path, capsys) -> None:
     image = _save(tmp_path / "x.png", _rgb())
     (tmp_path / "taken").write_text("")
-    code = demo.main(
-        ["--config-file", "c.yaml", "--input", str(image), "--output", str(tmp_path / "taken"),
-         "--vocab", "a"]
-    )
+    code = demo.main(_argv(image, tmp_path / "taken", "--vocab", "a"))
     assert code == 2
     assert "cannot create output directory" in _error_lines(capsys.readouterr().err)[0]
 

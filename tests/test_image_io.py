@@ -29,8 +29,12 @@ def _noise_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("orientation", "rotate"),
-    [(1, lambda a: a), (3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1)),
-     (8, lambda a: np.rot90(a, 1))],
+    [
+        (1, lambda a: a),
+        (3, lambda a: np.rot90(a, 2)),
+        (6, lambda a: np.rot90(a, -1)),
+        (8, lambda a: np.rot90(a, 1)),
+    ],
 )
 def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, rotate) -> None:
     stored = _quadrant_image()

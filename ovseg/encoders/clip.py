@@ -7,7 +7,9 @@ embedding is interpolated to the patch grid. The text side turns prompts into em
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from ovseg.encoders.weights import (
     parse_weights_spec,
 )
 
+# OpenAI checkpoints carry these scalars beside the weights; open_clip's models have no such keys
+_OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 CLIP_MODES = ("vanilla", "maskclip", "sclip", "naclip", "proxy")
 TINY_CLIP = "ovseg-tiny-ViT-16"  # 3 layers, width 128, patch 16: the fixture's architecture
 _MODEL_CONFIGS = Path(__file__).parent / "model_configs"
@@ -256,6 +260,17 @@ class ClipEncoder(nn.Module):
         return self.model.encode_text(tokens).float()
 
 
+@contextmanager
+def _quiet_root_logger():
+    """open_clip logs 'no pretrained weights loaded' on the root logger for every random build."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def _register_tiny_configs() -> None:
     import open_clip
 
@@ -294,7 +309,6 @@ def build_clip(
         quick_gelu = bool(open_clip.get_pretrained_cfg(arch, spec.value).get("quick_gelu", False))
     kwargs = {"force_quick_gelu": bool(quick_gelu)}
     if spec.kind in ("tag", "hf_hub"):
-        name = arch if spec.kind == "hf_hub" else arch
         pretrained = spec.value if spec.kind == "tag" else None
         if spec.kind == "tag" and not open_clip.get_pretrained_cfg(arch, spec.value):
             tags = [t for a, t in open_clip.list_pretrained() if a == arch]
@@ -303,18 +317,22 @@ def build_clip(
                 f"{', '.join(tags) or 'none'}; or give a local weights file"
             )
         try:
-            model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
+            model = open_clip.create_model(arch, pretrained=pretrained, **kwargs)
         except Exception as exc:
             what = f"CLIP weights {arch!r}/{spec.value!r}"
             raise WeightsError(f"{offline_hint(what, 'model.clip.weights')} ({exc})") from exc
     else:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_root_logger():
             torch.manual_seed(0)
             model = open_clip.create_model(arch, pretrained=None, **kwargs)
         if spec.is_file:
             state = load_state_dict_file(spec.value)
+            for key in _OPENAI_METADATA_KEYS:
+                state.pop(key, None)
             load_into(model, state, source=spec.value,
                       expected=f"an open_clip {arch} CLIP state dict", strip_prefix="module.")
     tokenizer = open_clip.get_tokenizer(arch)
-    encoder = ClipEncoder(model, tokenizer, name=f"{arch}|{weights}", pos_embed_resize=pos_embed_resize)
+    encoder = ClipEncoder(
+        model, tokenizer, name=f"{arch}|{weights}", pos_embed_resize=pos_embed_resize
+    )
     return encoder.to(device)

@@ -66,7 +66,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path), device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _torch_load(path)
     except Exception as exc:  # corrupt or truncated file, or a pickle with code in it
         raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
     for key in _WRAPPER_KEYS:
@@ -75,6 +75,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file {path} does not hold a state dict of tensors")
     return state
+
+
+def _torch_load(path: Path):
+    """``torch.load(weights_only=True)``; OpenAI's CLIP files are TorchScript archives instead."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError as exc:
+        if "TorchScript" not in str(exc):
+            raise
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
 
 
 def save_state_dict_file(state: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -132,7 +132,7 @@ class DenseClip(nn.Module):
         )
 
     def class_probabilities(self, cosine: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
-        """(N_names, ...) cosines -> (C, ...) probabilities: softmax over names, max over synonyms."""
+        """(N_names, ...) cosines -> (C, ...): softmax over names, then max over synonyms."""
         probs = name_probabilities(cosine, self.settings.logit_scale)
         probs = max_over_synonyms(
             probs, vocabulary.name_to_class.to(probs.device), vocabulary.num_classes

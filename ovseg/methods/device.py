@@ -14,7 +14,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ConfigError(f"model.device: {name!r} is not a device (cpu, cuda, cuda:1, auto)") from exc
+        raise ConfigError(
+            f"model.device: {name!r} is not a device (cpu, cuda, cuda:1, auto)"
+        ) from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"model.device is {name!r} but no CUDA GPU is available; use cpu")
     return device

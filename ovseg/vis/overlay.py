@@ -97,8 +97,7 @@ def draw_legend(
     for index in entries:
         if not 0 <= index < len(class_names):
             raise ValueError(
-                f"present class index {index} is outside [0, {len(class_names)}) of the "
-                "class names"
+                f"present class index {index} is outside [0, {len(class_names)}) of the class names"
             )
     if not entries:
         return image.copy()
