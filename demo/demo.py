@@ -240,7 +240,8 @@ def _run(args: argparse.Namespace) -> int:
             return EXIT_ERROR
     progress.close()
     if failures:
-        print(f"{failures} of {len(image_paths)} images failed", file=sys.stderr)
+        if len(image_paths) > 1:  # one image keeps its one-line error
+            print(f"{failures} of {len(image_paths)} images failed", file=sys.stderr)
         return EXIT_SOME_IMAGES_FAILED
     return EXIT_OK
 

@@ -84,9 +84,30 @@ class TextConfig:
 
 
 @dataclass
+class CustomDatasetConfig:
+    """A folder of images + label PNGs + a class file, registered by name without code."""
+
+    name: str = ""
+    image_dir: str = ""
+    label_dir: str = ""
+    class_file: str = ""
+    ignore_value: int = 255
+    image_ext: str = ".jpg"
+    label_ext: str = ".png"
+
+
+@dataclass
 class DatasetsConfig:
+    root: str = ""  # "" = $OVSEG_DATASETS or ./datasets
     test: list[str] = field(default_factory=list)
     train: list[str] = field(default_factory=list)
+    custom: list[CustomDatasetConfig] = field(default_factory=list)
+
+
+@dataclass
+class EvaluationConfig:
+    absent_classes: str = "zero"  # zero (mmseg, detectron2 v0.6) | exclude (detectron2 main)
+    save_predictions: bool = False
 
 
 @dataclass
@@ -94,5 +115,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
     datasets: DatasetsConfig = field(default_factory=DatasetsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output_dir: str = "./output"
     seed: int = 0
