@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ovseg.config.engine_schema import DataLoaderConfig, SolverConfig
+from ovseg.config.trident_schema import TridentConfig
+
 
 @dataclass
 class ClipConfig:
@@ -75,6 +78,7 @@ class ModelConfig:
     dense_clip: DenseClipConfig = field(default_factory=DenseClipConfig)
     pamr: PamrConfig = field(default_factory=PamrConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    trident: TridentConfig = field(default_factory=TridentConfig)
 
 
 @dataclass
@@ -116,5 +120,7 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     datasets: DatasetsConfig = field(default_factory=DatasetsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     output_dir: str = "./output"
     seed: int = 0
