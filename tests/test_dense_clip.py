@@ -138,3 +138,17 @@ def test_memory_is_bounded_by_the_window_batch(image, monkeypatch):
     monkeypatch.setattr(model, "window_cosine", spy)
     model.predict(image, "cat, dog")
     assert max(seen) <= 2 and sum(seen) > 2
+
+
+def test_whole_image_mode_resizes_patch_logits_straight_to_the_input(image):
+    model = tiny_model("model.inference.crop", "0", "model.inference.stride", "0")
+    vocabulary = ovseg.text.as_vocabulary("cat, dog")
+    result = model.predict(image, vocabulary)
+    size = ovseg.layers.rescale_size(70, 110, 96, 2048)
+    pixels = torch.from_numpy(ovseg.layers.resize_image(image, size)).permute(2, 0, 1)[None]
+    patch_cosine = model.window_cosine(model.clip.normalize(pixels), model.text_classifier(
+        vocabulary.names))[0]
+    assert patch_cosine.shape[1:] == (size[0] // 16, size[1] // 16)
+    direct = torch.nn.functional.interpolate(patch_cosine[None], size=(70, 110), mode="bilinear")
+    expected = model.class_probabilities(direct[0], vocabulary)
+    assert torch.allclose(result.logits, expected, atol=1e-5)

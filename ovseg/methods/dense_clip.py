@@ -160,7 +160,10 @@ class DenseClip(nn.Module):
         resized = resize_image(image, size)
         pixels = torch.from_numpy(np.ascontiguousarray(resized)).to(self.device)
         x = self.clip.normalize(pixels.permute(2, 0, 1)[None])
-        cosine = self.dense_cosine(x, text)[0]
+        if self.inference.crop <= 0:  # whole image: patch logits go straight to the input size
+            cosine = self.window_cosine(x, text)[0]
+        else:
+            cosine = self.dense_cosine(x, text)[0]
         if self.pamr is not None:
             probs = self.class_probabilities(self._refine(cosine, x, (height, width)), vocabulary)
         else:

@@ -1,0 +1,486 @@
+"""Semantic-segmentation evaluator: an int64 confusion matrix, mIoU and friends, reduced across ranks.
+
+The protocol is detectron2's (``reset`` / ``process`` / ``evaluate``); the averaging of classes
+without ground truth is an explicit policy (``absent_classes``, see specs/evaluation.md):
+
+- ``"zero"`` (default; mmseg ``IoUMetric``, detectron2 v0.6): a class predicted but absent from
+  the ground truth has IoU 0 and enters the mean; a class neither labelled nor predicted is left
+  out.
+- ``"exclude"`` (detectron2 main since 2022): only classes with ground-truth pixels enter the
+  mean.
+
+The result says which policy was used and how many classes entered the mean, so numbers can be
+matched to other code bases.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ovseg.errors import OvsegError
+from ovseg.vis.writers import atomic_path, write_json
+
+logger = logging.getLogger(__name__)
+
+ABSENT_CLASS_POLICIES = ("zero", "exclude")
+
+# guards against silent mapping bugs (specs/evaluation.md, "Ours")
+_LOW_MIOU_PERCENT = 1.0
+_DOMINANT_PREDICTION_FRACTION = 0.5
+_MAX_NAMES_IN_NOTE = 10
+_MAX_UINT8_VALUES = 256
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+class EvaluationError(OvsegError, ValueError):
+    """Predictions or labels cannot be evaluated: wrong size, dtype or values out of range."""
+
+
+def _is_integer_dtype(array: ArrayLike) -> bool:
+    if isinstance(array, torch.Tensor):
+        dtype = array.dtype
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    return np.issubdtype(array.dtype, np.integer)
+
+
+def _check_map(array: Any, what: str, source: str) -> None:
+    if not isinstance(array, np.ndarray | torch.Tensor):
+        raise EvaluationError(
+            f"{what} of {source} is a {type(array).__name__}; expected an (H, W) integer "
+            "numpy array or torch tensor"
+        )
+    if array.ndim != 2:
+        raise EvaluationError(
+            f"{what} of {source} has shape {tuple(array.shape)}; expected (H, W)"
+        )
+    if not _is_integer_dtype(array):
+        # a float map is usually logits or probabilities that were not argmax-ed
+        raise EvaluationError(
+            f"{what} of {source} has dtype {array.dtype}; expected integer class indices "
+            "(argmax the logits first)"
+        )
+
+
+def _to_int64(array: ArrayLike, device: torch.device | None) -> ArrayLike:
+    """Widen to int64 without ever narrowing (16-bit labels must keep values above 255).
+
+    Returns a numpy array when ``device`` is None, else a torch tensor on ``device``.
+    """
+    if device is None:
+        if isinstance(array, torch.Tensor):
+            array = array.detach().cpu().numpy()
+        # numpy, not torch, for CPU maps: single-threaded numpy is steadier than torch's
+        # intra-op thread pool on busy machines, and torch converts uint16 slowly
+        return np.asarray(array).astype(np.int64, copy=False)
+    if isinstance(array, np.ndarray):
+        array = torch.from_numpy(np.asarray(array).astype(np.int64, copy=False))
+    return array.to(device=device, dtype=torch.int64)
+
+
+class SemSegEvaluator:
+    """Accumulate a confusion matrix over images and compute mIoU, mAcc, pAcc and fwIoU.
+
+    The matrix is (C, C) int64 with **rows = ground truth, columns = prediction**:
+    ``matrix[g, p]`` counts the evaluated pixels labelled ``g`` and predicted ``p`` (the
+    transpose of detectron2's layout, and without its extra ignore row/column). Pixels whose
+    label is ``ignore_value`` are dropped, whatever is predicted there.
+
+    Args:
+        num_classes: C.
+        ignore_value: label value of pixels that are not evaluated (255 for most benchmarks,
+            65535 for the 16-bit 847/459-class ones). It must lie outside [0, C), else a class
+            would silently never be evaluated.
+        class_names: C names for the per-class table; default ``"0"``, ``"1"``, ...
+        absent_classes: ``"zero"`` or ``"exclude"``, see the module docstring.
+        distributed: when torch.distributed is initialised, ``evaluate`` sums the matrices of
+            all ranks and only rank 0 returns results.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_value: int = 255,
+        class_names: Sequence[str] | None = None,
+        absent_classes: str = "zero",
+        distributed: bool = True,
+    ) -> None:
+        if absent_classes not in ABSENT_CLASS_POLICIES:
+            raise ValueError(
+                f"absent_classes is {absent_classes!r}; expected one of {ABSENT_CLASS_POLICIES}"
+            )
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise EvaluationError(f"num_classes is {num_classes!r}; expected an int >= 1")
+        if 0 <= ignore_value < num_classes:
+            raise EvaluationError(
+                f"ignore_value {ignore_value} is a class index for {num_classes} classes, so "
+                f"class {ignore_value} would never be evaluated; use a value outside "
+                f"[0, {num_classes}) (benchmarks with more than 255 classes use 65535)"
+            )
+        if class_names is None:
+            class_names = [str(index) for index in range(num_classes)]
+        class_names = [str(name) for name in class_names]
+        if len(class_names) != num_classes:
+            raise EvaluationError(
+                f"{len(class_names)} class names for {num_classes} classes; expected one name "
+                "per class"
+            )
+        if len(set(class_names)) != num_classes:
+            seen: set[str] = set()
+            repeated = next(name for name in class_names if name in seen or seen.add(name))
+            raise EvaluationError(
+                f"class name {repeated!r} appears more than once; the per-class table needs "
+                "unique names"
+            )
+        self.num_classes = num_classes
+        self.ignore_value = int(ignore_value)
+        self.class_names = class_names
+        self.absent_classes = absent_classes
+        self.distributed = distributed
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything processed so far."""
+        size = self.num_classes
+        self._matrix = np.zeros((size, size), dtype=np.int64)
+        # GPU inputs are counted on their device, so an eval loop does not copy per image
+        self._device_matrices: dict[torch.device, torch.Tensor] = {}
+        self._num_images = 0
+        self._saw_uint8_labels = False
+
+    @property
+    def confusion_matrix(self) -> np.ndarray:
+        """(C, C) int64 copy of this process's matrix; rows = ground truth, cols = prediction."""
+        matrix = self._matrix.copy()
+        for device_matrix in self._device_matrices.values():
+            matrix += device_matrix.cpu().numpy()
+        return matrix
+
+    @property
+    def num_images(self) -> int:
+        """Images processed by this process since the last ``reset``."""
+        return self._num_images
+
+    def process(self, prediction: ArrayLike, label: ArrayLike, source: str = "") -> None:
+        """Add one image.
+
+        Args:
+            prediction: (H, W) integer class indices in [0, C), numpy or torch (CPU or CUDA),
+                any integer dtype. Every pixel must be in range, also where the label is ignore.
+            label: (H, W) integer ground truth, values in [0, C) or ``ignore_value``; any
+                integer dtype (uint16 for 16-bit label files; never narrowed).
+            source: the image's file or id, named in errors.
+
+        Raises:
+            EvaluationError: a map is not (H, W) integer, the sizes differ, or a value is out
+                of range.
+        """
+        source = source or f"image #{self._num_images}"
+        _check_map(prediction, "prediction", source)
+        _check_map(label, "label", source)
+        if tuple(prediction.shape) != tuple(label.shape):
+            raise EvaluationError(
+                f"prediction of {source} has size {tuple(prediction.shape)} but its label has "
+                f"{tuple(label.shape)}; resize the logits to the label size before the argmax "
+                "(labels are never resized)"
+            )
+        if label.dtype == (torch.uint8 if isinstance(label, torch.Tensor) else np.uint8):
+            self._saw_uint8_labels = True
+        device = None
+        for array in (prediction, label):
+            if isinstance(array, torch.Tensor) and array.device.type != "cpu":
+                device = array.device
+                break
+        gt = _to_int64(label, device)
+        pred = _to_int64(prediction, device)
+        self._check_range(gt, pred, source)
+
+        size = self.num_classes
+        flat = gt * size
+        flat += pred
+        # ignore pixels go to one extra bin that is cut off, which is cheaper than compacting
+        # the valid pixels with a boolean index
+        flat[gt == self.ignore_value] = size * size
+        if device is None:
+            counts = np.bincount(flat.ravel(), minlength=size * size + 1)
+            self._matrix += counts[: size * size].reshape(size, size)
+        else:
+            counts = torch.bincount(flat.view(-1), minlength=size * size + 1)
+            if device not in self._device_matrices:
+                self._device_matrices[device] = torch.zeros(
+                    (size, size), dtype=torch.int64, device=device
+                )
+            self._device_matrices[device] += counts[: size * size].view(size, size)
+        self._num_images += 1
+
+    def _check_range(self, gt: ArrayLike, pred: ArrayLike, source: str) -> None:
+        size = self.num_classes
+        if gt.shape[0] * gt.shape[1] == 0:
+            return
+        low, high = int(pred.min()), int(pred.max())
+        if low < 0 or high >= size:
+            value = low if low < 0 else high
+            raise EvaluationError(
+                f"prediction of {source} has class index {value}; expected indices in "
+                f"[0, {size}) for {size} classes"
+            )
+        low, high = int(gt.min()), int(gt.max())
+        if low < 0 or high >= size:
+            # the slow path only runs when something is out of [0, C): ignore, or a bug
+            bad = (gt != self.ignore_value) & ((gt < 0) | (gt >= size))
+            if bool(bad.any()):
+                value = int(gt[bad][0])
+                count = int(bad.sum())
+                raise EvaluationError(
+                    f"label of {source} has value {value} ({count} pixels out of range); "
+                    f"expected class indices in [0, {size}) or the ignore value "
+                    f"{self.ignore_value} (wrong ignore value, label offset or class list?)"
+                )
+
+    def process_batch(
+        self,
+        predictions: Sequence[ArrayLike] | ArrayLike,
+        labels: Sequence[ArrayLike] | ArrayLike,
+        sources: Sequence[str] | None = None,
+    ) -> None:
+        """Add several images; the same as ``process`` on each in turn.
+
+        Args:
+            predictions: B (H, W) maps, or one (B, H, W) array / tensor.
+            labels: B (H, W) maps, or one (B, H, W) array / tensor.
+            sources: B names for errors, or None.
+        """
+        if len(predictions) != len(labels):
+            raise EvaluationError(
+                f"{len(predictions)} predictions but {len(labels)} labels; expected one label "
+                "per prediction"
+            )
+        if sources is not None and len(sources) != len(labels):
+            raise EvaluationError(f"{len(sources)} sources for {len(labels)} images")
+        for index in range(len(labels)):
+            source = sources[index] if sources is not None else ""
+            self.process(predictions[index], labels[index], source)
+
+    def _reduced(self) -> tuple[np.ndarray, int, bool] | None:
+        """Sum matrix and image count over ranks; None on ranks other than 0."""
+        matrix = self.confusion_matrix
+        num_images = self._num_images
+        saw_uint8 = self._saw_uint8_labels
+        dist = torch.distributed
+        if not (self.distributed and dist.is_available() and dist.is_initialized()):
+            return matrix, num_images, saw_uint8
+        # one all_reduce for the matrix and the two counters
+        packed = torch.from_numpy(np.append(matrix.ravel(), [num_images, int(saw_uint8)]))
+        if dist.get_backend() == "nccl":
+            packed = packed.cuda()
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        if dist.get_rank() != 0:
+            return None
+        packed_numpy = packed.cpu().numpy()
+        size = self.num_classes
+        matrix = packed_numpy[: size * size].reshape(size, size)
+        return matrix, int(packed_numpy[-2]), bool(packed_numpy[-1])
+
+    def evaluate(self) -> dict[str, Any] | None:
+        """Compute the metrics over everything processed (by all ranks when distributed).
+
+        Every rank must call it (it all-reduces); ranks other than 0 get None.
+
+        Returns:
+            ``mIoU``, ``mAcc``, ``pAcc``, ``fwIoU`` in percent; ``per_class``:
+            ``{name: {"IoU", "Acc", "gt_pixels", "pred_pixels"}}`` (IoU None where the class is
+            left out of the mean, Acc None where it has no GT pixel); ``absent_classes``,
+            ``num_classes_in_mean``, ``num_classes``, ``num_images``, ``pixels`` (evaluated),
+            ``classes_without_gt`` and ``warnings`` (list of str).
+
+        Raises:
+            EvaluationError: no pixel was evaluated.
+        """
+        reduced = self._reduced()
+        if reduced is None:
+            return None
+        matrix, num_images, saw_uint8 = reduced
+        results = compute_metrics(matrix, self.class_names, self.absent_classes)
+        results["num_images"] = num_images
+        if saw_uint8 and self.num_classes > _MAX_UINT8_VALUES:
+            results["warnings"].insert(
+                0,
+                f"labels were uint8 but there are {self.num_classes} classes: classes >= 256 "
+                "cannot appear; were 16-bit label files cast to uint8?",
+            )
+        for message in results["warnings"]:
+            logger.warning(message)
+        return results
+
+
+def compute_metrics(
+    matrix: np.ndarray, class_names: Sequence[str], absent_classes: str = "zero"
+) -> dict[str, Any]:
+    """Metrics of a confusion matrix (see ``SemSegEvaluator.evaluate`` for the keys).
+
+    Args:
+        matrix: (C, C) integer confusion matrix, rows = ground truth, cols = prediction.
+        class_names: C unique names.
+        absent_classes: ``"zero"`` or ``"exclude"``.
+    """
+    if absent_classes not in ABSENT_CLASS_POLICIES:
+        raise ValueError(
+            f"absent_classes is {absent_classes!r}; expected one of {ABSENT_CLASS_POLICIES}"
+        )
+    matrix = np.asarray(matrix, dtype=np.int64)
+    true_positives = np.diag(matrix)
+    gt_pixels = matrix.sum(axis=1)
+    pred_pixels = matrix.sum(axis=0)
+    total = int(gt_pixels.sum())
+    if total == 0:
+        raise EvaluationError(
+            "no pixel was evaluated: nothing was processed, or every label pixel is the ignore "
+            "value (wrong ignore value?)"
+        )
+    union = gt_pixels + pred_pixels - true_positives
+    has_gt = gt_pixels > 0
+    in_mean = union > 0 if absent_classes == "zero" else has_gt
+    # float64 division of exact int64 counts; classes outside the mask get NaN, never used
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = true_positives / union
+        accuracy = true_positives / gt_pixels
+    frequency = gt_pixels / total
+
+    def percent(value: float) -> float:
+        return float(100.0 * value)
+
+    per_class = {
+        name: {
+            "IoU": percent(iou[index]) if in_mean[index] else None,
+            "Acc": percent(accuracy[index]) if has_gt[index] else None,
+            "gt_pixels": int(gt_pixels[index]),
+            "pred_pixels": int(pred_pixels[index]),
+        }
+        for index, name in enumerate(class_names)
+    }
+    results: dict[str, Any] = {
+        "mIoU": percent(iou[in_mean].mean()),
+        "mAcc": percent(accuracy[has_gt].mean()),
+        "pAcc": percent(true_positives.sum() / total),
+        "fwIoU": percent((frequency[has_gt] * iou[has_gt]).sum()),
+        "absent_classes": absent_classes,
+        "num_classes_in_mean": int(in_mean.sum()),
+        "num_classes": len(class_names),
+        "pixels": total,
+        "per_class": per_class,
+        "classes_without_gt": [name for name, seen in zip(class_names, has_gt) if not seen],
+    }
+    results["warnings"] = _guard_warnings(results, pred_pixels, class_names, total)
+    return results
+
+
+def _guard_warnings(
+    results: Mapping[str, Any], pred_pixels: np.ndarray, class_names: Sequence[str], total: int
+) -> list[str]:
+    """Messages about numbers that usually mean a class-order or label-mapping bug."""
+    warnings = []
+    if results["mIoU"] < _LOW_MIOU_PERCENT:
+        warnings.append(
+            f"mIoU is {results['mIoU']:.2f} % (< {_LOW_MIOU_PERCENT:g} %): check that the class "
+            "names, label mapping and ignore value belong to the same benchmark"
+        )
+    dominant = int(np.argmax(pred_pixels))
+    dominant_fraction = pred_pixels[dominant] / total
+    if dominant_fraction > _DOMINANT_PREDICTION_FRACTION:
+        warnings.append(
+            f"{100 * dominant_fraction:.1f} % of the evaluated pixels are predicted as "
+            f"{class_names[dominant]!r} (> {100 * _DOMINANT_PREDICTION_FRACTION:g} %): a "
+            "background threshold or a class-name mix-up?"
+        )
+    missing = results["classes_without_gt"]
+    if missing:
+        shown = ", ".join(repr(name) for name in missing[:_MAX_NAMES_IN_NOTE])
+        hidden = len(missing) - _MAX_NAMES_IN_NOTE
+        more = f" and {hidden} more" if hidden > 0 else ""
+        warnings.append(
+            f"note: {len(missing)} of {len(class_names)} classes have no ground-truth pixel "
+            f"({shown}{more}); expected on a subset, suspicious on a full split"
+        )
+    return warnings
+
+
+def _format_percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _markdown_cell(text: Any) -> str:
+    # a "|" in a class name would split the table cell
+    return str(text).replace("|", "\\|")
+
+
+def results_to_markdown(results: Mapping[str, Any], protocol: Mapping[str, Any] | None = None) -> str:
+    """Render ``evaluate()``'s results as Markdown: a summary table and a per-class table.
+
+    Args:
+        results: the dict returned by ``SemSegEvaluator.evaluate``.
+        protocol: optional protocol info; its scalar entries are listed under the summary.
+    """
+    lines = ["# Semantic segmentation results", ""]
+    lines += ["| mIoU | mAcc | pAcc | fwIoU | classes in mean | absent classes | images | pixels |"]
+    lines += ["|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines.append(
+        f"| {results['mIoU']:.2f} | {results['mAcc']:.2f} | {results['pAcc']:.2f} "
+        f"| {results['fwIoU']:.2f} | {results['num_classes_in_mean']} / {results['num_classes']} "
+        f"| {results['absent_classes']} | {results.get('num_images', '–')} "
+        f"| {results['pixels']} |"
+    )
+    scalars = {
+        key: value
+        for key, value in (protocol or {}).items()
+        if isinstance(value, str | int | float | bool) or value is None
+    }
+    if scalars:
+        lines += ["", "## Protocol", ""]
+        lines += [f"- {_markdown_cell(key)}: {_markdown_cell(value)}" for key, value in scalars.items()]
+    if results.get("warnings"):
+        lines += ["", "## Warnings", ""]
+        lines += [f"- {_markdown_cell(message)}" for message in results["warnings"]]
+    lines += ["", "## Per class", ""]
+    lines += ["| class | IoU | Acc | GT pixels | predicted pixels |", "|---|---:|---:|---:|---:|"]
+    for name, row in results["per_class"].items():
+        lines.append(
+            f"| {_markdown_cell(name)} | {_format_percent(row['IoU'])} "
+            f"| {_format_percent(row['Acc'])} | {row['gt_pixels']} | {row['pred_pixels']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    results: Mapping[str, Any],
+    output_dir: str | os.PathLike[str],
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``results.json`` (results + ``"protocol": extra``) and ``results.md``, atomically.
+
+    Args:
+        results: the dict returned by ``SemSegEvaluator.evaluate``.
+        output_dir: folder, created if needed.
+        extra: protocol info (config, benchmark, class file hash, versions, ...), stored under
+            ``"protocol"`` in the JSON; its scalar entries are also listed in the Markdown.
+
+    Returns:
+        the paths of ``results.json`` and ``results.md``.
+    """
+    output_dir = Path(output_dir)
+    json_path = output_dir / "results.json"
+    markdown_path = output_dir / "results.md"
+    payload = dict(results)
+    if extra is not None:
+        payload["protocol"] = dict(extra)
+    write_json(json_path, payload)
+    markdown = results_to_markdown(results, extra)
+    with atomic_path(markdown_path) as temporary:
+        temporary.write_text(markdown, encoding="utf-8")
+    return json_path, markdown_path
