@@ -16,7 +16,13 @@ import torch
 from tqdm import tqdm
 
 from ovseg.config import config_to_yaml
-from ovseg.data.catalog import class_vocabulary, get_benchmark, load_dataset, register_from_config
+from ovseg.data.catalog import (
+    class_names,
+    class_vocabulary,
+    get_benchmark,
+    load_dataset,
+    register_from_config,
+)
 from ovseg.encoders.weights import parse_weights_spec
 from ovseg.engine.comm import get_rank, get_world_size, shard_indices
 from ovseg.evaluation.sem_seg import SemSegEvaluator, write_results
@@ -62,7 +68,7 @@ def evaluate_benchmark(model, name: str, cfg, output_dir: str | Path) -> dict | 
     dataset = load_dataset(name, cfg.datasets.root or None)
     vocabulary = class_vocabulary(name)
     evaluator = SemSegEvaluator(
-        info.num_classes, info.ignore_value, class_names=vocabulary.class_names,
+        info.num_classes, info.ignore_value, class_names=class_names(name),
         absent_classes=cfg.evaluation.absent_classes,
     )
     benchmark_dir = Path(output_dir) / name

@@ -1,4 +1,4 @@
-"""Semantic-segmentation evaluator: an int64 confusion matrix, mIoU and friends, reduced across ranks.
+"""Semantic-segmentation evaluator: int64 confusion matrix, mIoU and friends, summed across ranks.
 
 The protocol is detectron2's (``reset`` / ``process`` / ``evaluate``); the averaging of classes
 without ground truth is an explicit policy (``absent_classes``, see specs/evaluation.md):
@@ -36,6 +36,8 @@ _LOW_MIOU_PERCENT = 1.0
 _DOMINANT_PREDICTION_FRACTION = 0.5
 _MAX_NAMES_IN_NOTE = 10
 _MAX_UINT8_VALUES = 256
+# label lookup tables reach up to the ignore value (65535 -> 512 KiB); larger ones are not built
+_MAX_TABLE_LENGTH = 1 << 20
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -58,9 +60,7 @@ def _check_map(array: Any, what: str, source: str) -> None:
             "numpy array or torch tensor"
         )
     if array.ndim != 2:
-        raise EvaluationError(
-            f"{what} of {source} has shape {tuple(array.shape)}; expected (H, W)"
-        )
+        raise EvaluationError(f"{what} of {source} has shape {tuple(array.shape)}; expected (H, W)")
     if not _is_integer_dtype(array):
         # a float map is usually logits or probabilities that were not argmax-ed
         raise EvaluationError(
@@ -152,6 +152,7 @@ class SemSegEvaluator:
         self._matrix = np.zeros((size, size), dtype=np.int64)
         # GPU inputs are counted on their device, so an eval loop does not copy per image
         self._device_matrices: dict[torch.device, torch.Tensor] = {}
+        self._tables: dict[torch.device | None, ArrayLike] = {}
         self._num_images = 0
         self._saw_uint8_labels = False
 
@@ -191,8 +192,6 @@ class SemSegEvaluator:
                 f"{tuple(label.shape)}; resize the logits to the label size before the argmax "
                 "(labels are never resized)"
             )
-        if label.dtype == (torch.uint8 if isinstance(label, torch.Tensor) else np.uint8):
-            self._saw_uint8_labels = True
         device = None
         for array in (prediction, label):
             if isinstance(array, torch.Tensor) and array.device.type != "cpu":
@@ -200,49 +199,80 @@ class SemSegEvaluator:
                 break
         gt = _to_int64(label, device)
         pred = _to_int64(prediction, device)
-        self._check_range(gt, pred, source)
+        if gt.shape[0] * gt.shape[1]:
+            self._count(gt, pred, source, device)
+        self._num_images += 1
+        if label.dtype == (torch.uint8 if isinstance(label, torch.Tensor) else np.uint8):
+            self._saw_uint8_labels = True
 
+    def _label_table(self, device: torch.device | None) -> ArrayLike:
+        """Lookup table: label value -> offset of its row in the flat pair index.
+
+        Class g -> g*C; the ignore value -> C*C (pair indices [C*C, C*C + C), never counted);
+        any other value -> C*C + C (indices >= C*C + C flag a bad label). One gather through it
+        replaces a boolean mask for the ignore pixels and the label range check, both slow on
+        scattered masks.
+        """
+        if device not in self._tables:
+            size = self.num_classes
+            length = size
+            if 0 <= self.ignore_value < _MAX_TABLE_LENGTH:
+                length = max(size, self.ignore_value + 1)
+            table = np.full(length, size * size + size, dtype=np.int64)
+            table[:size] = np.arange(size, dtype=np.int64) * size
+            if self.ignore_value < length:
+                table[self.ignore_value] = size * size
+            self._tables[device] = table if device is None else torch.from_numpy(table).to(device)
+        return self._tables[device]
+
+    def _count(
+        self, gt: ArrayLike, pred: ArrayLike, source: str, device: torch.device | None
+    ) -> None:
+        """Add one image's pairs; gt, pred: (H, W) int64, numpy (device None) or torch."""
         size = self.num_classes
-        flat = gt * size
-        flat += pred
-        # ignore pixels go to one extra bin that is cut off, which is cheaper than compacting
-        # the valid pixels with a boolean index
-        flat[gt == self.ignore_value] = size * size
+        low, high = int(pred.min()), int(pred.max())
+        if low < 0 or high >= size:
+            raise EvaluationError(
+                f"prediction of {source} has class index {low if low < 0 else high}; expected "
+                f"indices in [0, {size}) for {size} classes"
+            )
+        table = self._label_table(device)
+        low, high = int(gt.min()), int(gt.max())
+        if 0 <= low and high < len(table):
+            flat = np.take(table, gt) if device is None else torch.take(table, gt)
+            flat += pred
+            if int(flat.max()) >= size * size + size:
+                self._raise_on_bad_label(gt, source)
+        else:
+            # an ignore value outside the table (negative or huge), or a bad label
+            self._raise_on_bad_label(gt, source)
+            flat = gt * size + pred
+            flat[gt == self.ignore_value] = size * size
+
+        # pair index g*C + p of every pixel, ignore pixels in [C*C, C*C + C): one bincount
         if device is None:
-            counts = np.bincount(flat.ravel(), minlength=size * size + 1)
+            counts = np.bincount(flat.reshape(-1), minlength=size * size + size)
             self._matrix += counts[: size * size].reshape(size, size)
         else:
-            counts = torch.bincount(flat.view(-1), minlength=size * size + 1)
+            counts = torch.bincount(flat.reshape(-1), minlength=size * size + size)
             if device not in self._device_matrices:
                 self._device_matrices[device] = torch.zeros(
                     (size, size), dtype=torch.int64, device=device
                 )
             self._device_matrices[device] += counts[: size * size].view(size, size)
-        self._num_images += 1
 
-    def _check_range(self, gt: ArrayLike, pred: ArrayLike, source: str) -> None:
+    def _raise_on_bad_label(self, gt: ArrayLike, source: str) -> None:
+        """Raise naming the first label value that is neither a class nor the ignore value."""
         size = self.num_classes
-        if gt.shape[0] * gt.shape[1] == 0:
-            return
-        low, high = int(pred.min()), int(pred.max())
-        if low < 0 or high >= size:
-            value = low if low < 0 else high
+        bad = (gt != self.ignore_value) & ((gt < 0) | (gt >= size))
+        if bool(bad.any()):
+            count = int(bad.sum())
             raise EvaluationError(
-                f"prediction of {source} has class index {value}; expected indices in "
-                f"[0, {size}) for {size} classes"
+                f"label of {source} has value {int(gt[bad][0])} ({count} pixel"
+                f"{'s' if count > 1 else ''} out of range); expected class indices in "
+                f"[0, {size}) or the ignore value {self.ignore_value} (wrong ignore value, label "
+                "offset or class list?)"
             )
-        low, high = int(gt.min()), int(gt.max())
-        if low < 0 or high >= size:
-            # the slow path only runs when something is out of [0, C): ignore, or a bug
-            bad = (gt != self.ignore_value) & ((gt < 0) | (gt >= size))
-            if bool(bad.any()):
-                value = int(gt[bad][0])
-                count = int(bad.sum())
-                raise EvaluationError(
-                    f"label of {source} has value {value} ({count} pixels out of range); "
-                    f"expected class indices in [0, {size}) or the ignore value "
-                    f"{self.ignore_value} (wrong ignore value, label offset or class list?)"
-                )
 
     def process_batch(
         self,
@@ -268,8 +298,17 @@ class SemSegEvaluator:
             source = sources[index] if sources is not None else ""
             self.process(predictions[index], labels[index], source)
 
+    def reduced_confusion_matrix(self) -> np.ndarray | None:
+        """(C, C) int64 sum of the matrices of all ranks (rows = ground truth, cols = prediction).
+
+        Collective when distributed: every rank must call it; ranks other than 0 get None.
+        Without torch.distributed (or with ``distributed=False``) it is ``confusion_matrix``.
+        """
+        reduced = self._reduced()
+        return None if reduced is None else reduced[0]
+
     def _reduced(self) -> tuple[np.ndarray, int, bool] | None:
-        """Sum matrix and image count over ranks; None on ranks other than 0."""
+        """Sum matrix, image count and the uint8-labels flag over ranks; None off rank 0."""
         matrix = self.confusion_matrix
         num_images = self._num_images
         saw_uint8 = self._saw_uint8_labels
@@ -316,7 +355,8 @@ class SemSegEvaluator:
                 "cannot appear; were 16-bit label files cast to uint8?",
             )
         for message in results["warnings"]:
-            logger.warning(message)
+            # notes describe the data (e.g. a subset without some classes), not a likely bug
+            logger.log(logging.INFO if message.startswith("note:") else logging.WARNING, message)
         return results
 
 
@@ -375,7 +415,9 @@ def compute_metrics(
         "num_classes": len(class_names),
         "pixels": total,
         "per_class": per_class,
-        "classes_without_gt": [name for name, seen in zip(class_names, has_gt) if not seen],
+        "classes_without_gt": [
+            name for name, seen in zip(class_names, has_gt, strict=True) if not seen
+        ],
     }
     results["warnings"] = _guard_warnings(results, pred_pixels, class_names, total)
     return results
@@ -420,12 +462,29 @@ def _markdown_cell(text: Any) -> str:
     return str(text).replace("|", "\\|")
 
 
-def results_to_markdown(results: Mapping[str, Any], protocol: Mapping[str, Any] | None = None) -> str:
+def _protocol_lines(protocol: Mapping[str, Any]) -> list[str]:
+    """Markdown bullets of the one-line scalar entries of ``protocol``, one level of nesting."""
+    lines = []
+    for key, value in protocol.items():
+        entries = value.items() if isinstance(value, Mapping) else [(None, value)]
+        for sub_key, sub_value in entries:
+            name = key if sub_key is None else f"{key}.{sub_key}"
+            one_line = not (isinstance(sub_value, str) and "\n" in sub_value)
+            # multi-line text (a config dump) and containers stay in results.json only
+            if one_line and (isinstance(sub_value, str | int | float | bool) or sub_value is None):
+                lines.append(f"- {_markdown_cell(name)}: {_markdown_cell(sub_value)}")
+    return lines
+
+
+def results_to_markdown(
+    results: Mapping[str, Any], protocol: Mapping[str, Any] | None = None
+) -> str:
     """Render ``evaluate()``'s results as Markdown: a summary table and a per-class table.
 
     Args:
         results: the dict returned by ``SemSegEvaluator.evaluate``.
-        protocol: optional protocol info; its scalar entries are listed under the summary.
+        protocol: optional protocol info; its one-line scalar entries (also those of dicts
+            inside it) are listed under the summary.
     """
     lines = ["# Semantic segmentation results", ""]
     lines += ["| mIoU | mAcc | pAcc | fwIoU | classes in mean | absent classes | images | pixels |"]
@@ -436,14 +495,9 @@ def results_to_markdown(results: Mapping[str, Any], protocol: Mapping[str, Any] 
         f"| {results['absent_classes']} | {results.get('num_images', '–')} "
         f"| {results['pixels']} |"
     )
-    scalars = {
-        key: value
-        for key, value in (protocol or {}).items()
-        if isinstance(value, str | int | float | bool) or value is None
-    }
-    if scalars:
-        lines += ["", "## Protocol", ""]
-        lines += [f"- {_markdown_cell(key)}: {_markdown_cell(value)}" for key, value in scalars.items()]
+    protocol_lines = _protocol_lines(protocol or {})
+    if protocol_lines:
+        lines += ["", "## Protocol", ""] + protocol_lines
     if results.get("warnings"):
         lines += ["", "## Warnings", ""]
         lines += [f"- {_markdown_cell(message)}" for message in results["warnings"]]
@@ -462,24 +516,30 @@ def write_results(
     output_dir: str | os.PathLike[str],
     extra: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``results.json`` (results + ``"protocol": extra``) and ``results.md``, atomically.
+    """Write ``results.json`` (results and ``extra`` in one object) and ``results.md``, atomically.
 
     Args:
         results: the dict returned by ``SemSegEvaluator.evaluate``.
         output_dir: folder, created if needed.
-        extra: protocol info (config, benchmark, class file hash, versions, ...), stored under
-            ``"protocol"`` in the JSON; its scalar entries are also listed in the Markdown.
+        extra: protocol info added to the JSON's top level, e.g. ``{"protocol": {"benchmark":
+            ..., "class_file_sha256": ..., "config": ...}}``; its keys must not repeat result
+            keys. Its one-line scalar entries are also listed in the Markdown.
 
     Returns:
         the paths of ``results.json`` and ``results.md``.
+
+    Raises:
+        ValueError: a key of ``extra`` is also a result key.
     """
+    extra = dict(extra or {})
+    clashes = sorted(set(extra) & set(results))
+    if clashes:
+        # never let protocol info overwrite a metric silently
+        raise ValueError(f"extra has keys {clashes} that the results already have")
     output_dir = Path(output_dir)
     json_path = output_dir / "results.json"
     markdown_path = output_dir / "results.md"
-    payload = dict(results)
-    if extra is not None:
-        payload["protocol"] = dict(extra)
-    write_json(json_path, payload)
+    write_json(json_path, {**results, **extra})
     markdown = results_to_markdown(results, extra)
     with atomic_path(markdown_path) as temporary:
         temporary.write_text(markdown, encoding="utf-8")
