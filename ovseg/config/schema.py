@@ -72,6 +72,8 @@ class InferenceConfig:
 class ModelConfig:
     name: str = "dense_clip"
     device: str = "cpu"
+    # trained ovseg weights (a checkpoint's .safetensors) loaded before evaluation; "" = none
+    weights: str = ""
     clip: ClipConfig = field(default_factory=ClipConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     sam: SamConfig = field(default_factory=SamConfig)

@@ -101,15 +101,26 @@ def gaussian_window_bias(grid: tuple[int, int], sigma: float) -> torch.Tensor:
     return F.pad(gauss, (1, 0, 1, 0))
 
 
-def proxy_attention(proxy_tokens: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
+def proxy_attention(
+    proxy_tokens: torch.Tensor,
+    gamma: float,
+    beta: float,
+    mean: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """ProxyCLIP's attention from proxy features (B, N', C) -> (B, N', N').
 
-    S = cosine similarity; S' = gamma * (S - beta * mean(S)) with one scalar mean per image;
+    S = cosine similarity; S' = gamma * (S - beta * m) with m one scalar mean of S per image;
     entries with S' < 0 are masked out, then a row softmax.
+
+    mean: m given from outside, a float or a tensor broadcastable to (B, 1, 1) (Trident takes
+        the mean of S over all windows of an image); None = the mean of each image's own S.
     """
     normed = F.normalize(proxy_tokens, dim=-1)
     similarity = normed @ normed.transpose(1, 2)
-    mean = similarity.mean(dim=(1, 2), keepdim=True)
+    if mean is None:
+        mean = similarity.mean(dim=(1, 2), keepdim=True)
+    elif isinstance(mean, torch.Tensor):
+        mean = mean.to(similarity.device, similarity.dtype)
     logits = gamma * (similarity - beta * mean)
     logits = logits.masked_fill(logits < 0, float("-inf"))
     return logits.softmax(dim=-1)
@@ -183,11 +194,13 @@ class ClipEncoder(nn.Module):
         naclip_sigma: float = 5.0,
         proxy_gamma: float = 3.0,
         proxy_beta: float = 1.2,
+        proxy_mean: torch.Tensor | float | None = None,
         ln2_blocks: tuple[int, ...] = (),
     ) -> ClipDenseOutput:
         """Dense features of (B, 3, H, W) CLIP-normalised images with the last block in ``mode``.
 
-        ``proxy`` needs ``proxy_tokens`` (B, N', C) on ``proxy_grid`` (from a DINO encoder).
+        ``proxy`` needs ``proxy_tokens`` (B, N', C) on ``proxy_grid`` (from a DINO encoder);
+        ``proxy_mean`` optionally gives the mean of S from outside (see :func:`proxy_attention`).
         ``ln2_blocks``: indices of blocks whose ln_2 output to return (the unmodified forward).
         """
         if mode not in CLIP_MODES:
@@ -225,7 +238,7 @@ class ClipEncoder(nn.Module):
         else:
             if proxy_tokens is None or proxy_grid is None:
                 raise ValueError("proxy mode needs proxy_tokens and proxy_grid from a DINO encoder")
-            attn = proxy_attention(proxy_tokens.to(v.dtype), proxy_gamma, proxy_beta)
+            attn = proxy_attention(proxy_tokens.to(v.dtype), proxy_gamma, proxy_beta, proxy_mean)
             batch, heads, _, head_dim = v.shape
             patch_v = v[:, :, 1:].transpose(2, 3).reshape(batch * heads, head_dim, *grid)
             patch_v = F.interpolate(patch_v, size=proxy_grid, mode="bilinear", align_corners=False)

@@ -7,9 +7,13 @@ from collections.abc import Callable
 from ovseg.errors import ConfigError
 from ovseg.methods.base import Prediction
 from ovseg.methods.dense_clip import DenseClip, build_dense_clip
+from ovseg.methods.linear_probe import build_linear_probe
+from ovseg.methods.trident import build_trident
 
 METHODS: dict[str, Callable] = {
     "dense_clip": build_dense_clip,
+    "linear_probe": build_linear_probe,
+    "trident": build_trident,
 }
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ovseg.config.schema import DenseClipConfig, InferenceConfig, PamrConfig
 from ovseg.encoders.clip import CLIP_MODES, ClipEncoder
+from ovseg.encoders.normalization import clip_to_imagenet
 from ovseg.errors import ConfigError
 from ovseg.layers.chunked_resize import resized_row_bands
 from ovseg.layers.pamr import PAMR
@@ -22,13 +23,6 @@ from ovseg.layers.windows import sliding_window_logits
 from ovseg.methods.base import Prediction
 from ovseg.text import Vocabulary, as_vocabulary, build_text_classifier, get_templates
 from ovseg.text.vocabulary import max_over_synonyms
-
-# ProxyCLIP re-normalises each CLIP crop for DINO: un-normalise with OpenAI's statistics on the
-# 0-1 scale (not the rounded 0-255 ones the crop was made with), normalise with ImageNet's
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def name_probabilities(cosine: torch.Tensor, logit_scale: float) -> torch.Tensor:
@@ -101,11 +95,7 @@ class DenseClip(nn.Module):
     # ---- image -------------------------------------------------------------------------------
     def proxy_features(self, windows: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """DINO tokens of CLIP-normalised windows, re-normalised with ImageNet statistics."""
-        def stats(values):
-            return torch.tensor(values, device=windows.device).view(1, 3, 1, 1)
-
-        pixels = windows * stats(OPENAI_STD) + stats(OPENAI_MEAN)
-        features = self.dino((pixels - stats(IMAGENET_MEAN)) / stats(IMAGENET_STD))
+        features = self.dino(clip_to_imagenet(windows))
         return features.tokens, tuple(features.grid)
 
     def window_cosine(self, windows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Optional integrations with other toolkits (detectron2), imported only on request."""

@@ -1,0 +1,205 @@
+"""The training command line: train a method, resume it, or evaluate it, on 1..N processes.
+
+    python tools/train_net.py --config-file configs/tiny/linear_probe_tiny.yaml \\
+        datasets.train '[my_set]' solver.max_iter 1000
+    python tools/train_net.py --config-file CONFIG --num-gpus 8 --resume
+    python tools/train_net.py --config-file CONFIG --eval-only
+    python tools/train_net.py --config-file CONFIG --num-gpus 8 --num-machines 2 \\
+        --machine-rank 0 --dist-url tcp://HOST:PORT
+
+Trailing ``KEY VALUE`` pairs override config keys. Everything goes to ``output_dir``:
+``config.yaml`` (the merged config), ``log.txt``, ``metrics.json``, checkpoints
+(``model_XXXXXXX.*``, ``last_checkpoint``) and evaluation results (``<benchmark>/``).
+Under ``torchrun`` the process group comes from its environment variables instead.
+
+Exit status: 0 done; 2 a mistake that stops the run (config, data, weights, a training-free
+method, a NaN loss), reported as one ``error:`` line; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import ovseg
+from ovseg.config import save_config
+from ovseg.engine import comm
+from ovseg.engine.launch import launch
+from ovseg.errors import ConfigError, OvsegError
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+logger = logging.getLogger("ovseg.train_net")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_net.py",
+        description="Train or evaluate an ovseg method, on one or more processes and machines.",
+        epilog="Config overrides go last, as KEY VALUE pairs: solver.max_iter 1000",
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="config YAML")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last good checkpoint in output_dir (with "
+                        "--eval-only: evaluate its weights)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate on datasets.test without training")
+    parser.add_argument("--save-predictions", action="store_true",
+                        help="also write each predicted label map under OUTPUT_DIR/<benchmark>")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="processes per machine: one per GPU; without GPUs, CPU processes")
+    parser.add_argument("--num-machines", type=int, default=1, help="machines in the job")
+    parser.add_argument("--machine-rank", type=int, default=0,
+                        help="this machine's index in [0, num-machines)")
+    parser.add_argument("--dist-url", default="auto",
+                        help="tcp://HOST:PORT of machine 0; 'auto' = a free local port (one "
+                        "machine only)")
+    parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides, detectron2 style, at the end of the command line")
+    return parser
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines written through tqdm, so a running progress bar stays intact."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(output_dir: str | Path) -> None:
+    """INFO on rank 0 (console + ``output_dir/log.txt``), warnings only on the other ranks."""
+    package_logger = logging.getLogger("ovseg")
+    for handler in list(package_logger.handlers):
+        package_logger.removeHandler(handler)
+        handler.close()
+    rank = comm.get_rank()
+    prefix = f"[rank {rank}] " if comm.get_world_size() > 1 else ""
+    formatter = logging.Formatter(f"[%(asctime)s] {prefix}%(message)s", "%m/%d %H:%M:%S")
+    console = _TqdmHandler()
+    console.setFormatter(formatter)
+    package_logger.addHandler(console)
+    if rank == 0:
+        package_logger.setLevel(logging.INFO)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        log_file = logging.FileHandler(Path(output_dir) / "log.txt", encoding="utf-8")
+        log_file.setFormatter(formatter)
+        package_logger.addHandler(log_file)
+    else:
+        package_logger.setLevel(logging.WARNING)
+    # the console handler is ours; the root logger's would print every line twice
+    package_logger.propagate = False
+
+
+def load_config(args: argparse.Namespace):
+    """The merged config, with ``model.device`` set to the GPU when the run uses GPUs."""
+    cfg = ovseg.get_config(args.config_file, args.opts)
+    if args.save_predictions:
+        cfg.evaluation.save_predictions = True
+    if torch.cuda.is_available() and args.num_gpus >= 1 and cfg.model.device == "cpu":
+        # --num-gpus on a GPU machine means train on them (NCCL needs CUDA tensors)
+        cfg.model.device = "cuda"
+    return cfg
+
+
+def _weights_spec(cfg) -> str:
+    return str(cfg.model.weights or "")
+
+
+def evaluate(model, cfg, output_dir: str | Path):
+    """Evaluate ``model`` on ``cfg.datasets.test`` (collective; results on rank 0)."""
+    from ovseg.engine.evaluate import evaluate_model
+
+    model.eval()
+    return evaluate_model(model, cfg, str(output_dir))
+
+
+def main_worker(args: argparse.Namespace) -> None:
+    """What every process runs: build, then train (and evaluate) or evaluate only."""
+    from ovseg.engine.checkpoint import Checkpointer
+    from ovseg.engine.hooks import default_hooks
+    from ovseg.engine.trainer import build_trainer, check_trainable, seed_everything
+
+    cfg = load_config(args)
+    output_dir = Path(cfg.output_dir)
+    setup_logging(output_dir)
+    if comm.is_main_process():
+        save_config(cfg, output_dir / "config.yaml")
+        logger.info("config saved to %s", output_dir / "config.yaml")
+    # different streams per process (augmentation); DDP broadcasts rank 0's initial weights
+    seed_everything(cfg.seed + comm.get_rank())
+    model = ovseg.build_model(cfg)
+    weights = _weights_spec(cfg)
+
+    if args.eval_only:
+        if not cfg.datasets.test:
+            raise ConfigError("--eval-only needs benchmarks in datasets.test, e.g. "
+                              "datasets.test '[ade20k_150]'")
+        checkpointer = Checkpointer(model, output_dir,
+                                    include_frozen=cfg.solver.checkpoint_frozen)
+        name = checkpointer.find_resumable() if args.resume else None
+        if name is not None:
+            checkpointer.load(name, model_only=True)
+        elif weights:
+            checkpointer.load_weights(weights)
+        elif callable(getattr(model, "loss", None)):
+            logger.warning("evaluating %s with untrained weights: pass --resume (the last "
+                           "checkpoint of output_dir) or model.weights", cfg.model.name)
+        evaluate(model, cfg, output_dir)
+        return
+
+    check_trainable(model, cfg.model.name)
+    trainer = build_trainer(cfg, model)
+    checkpointer = Checkpointer(
+        model, output_dir, include_frozen=cfg.solver.checkpoint_frozen,
+        max_to_keep=cfg.solver.max_checkpoints, **trainer.state_dicts(),
+    )
+
+    def periodic_evaluation(iteration: int):
+        return evaluate(model, cfg, output_dir / "eval" / f"iter_{iteration:07d}")
+
+    trainer.register_hooks(
+        default_hooks(cfg, checkpointer, periodic_evaluation if cfg.datasets.test else None)
+    )
+    start_iter = checkpointer.resume_or_load(weights, resume=args.resume)
+    if start_iter >= cfg.solver.max_iter:
+        logger.info("the checkpoint is at iteration %d, solver.max_iter is %d: nothing to "
+                    "train", start_iter, cfg.solver.max_iter)
+    else:
+        trainer.train(start_iter, cfg.solver.max_iter)
+    if cfg.datasets.test:
+        evaluate(model, cfg, output_dir)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        # read the config here too: a mistake in it is reported before any process starts
+        load_config(args)
+        launch(main_worker, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    except OvsegError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
