@@ -7,7 +7,8 @@ ratio, and the peak memory of a 1024^2 vs a 4096^2 image (each in a fresh child 
 
     python bench/trident.py [--device cuda] [--repeats 3] [--config trident/voc_21.yaml]
 
-On a 2-core CPU one SAM ViT-B forward takes ~25 s, so the whole run takes minutes.
+On a 2-core CPU one predict takes 15-30 s (SAM ViT-B at 1024 most of it) and the whole run a
+few minutes; `--repeats 1` shortens it.
 """
 
 from __future__ import annotations

@@ -4,10 +4,14 @@ computation, the refinement rules with a stand-in SAM decoder, and ``predict`` e
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -24,6 +28,7 @@ from ovseg.layers.components import connected_components
 from ovseg.layers.sam_prompts import longest_side_shape, mask_prompt
 from ovseg.methods import trident as tr
 from ovseg.text import Vocabulary
+from tests.fixtures.builders import build_voc
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "tiny/trident_tiny.yaml"
@@ -606,8 +611,6 @@ def test_demo_runs_the_tiny_trident(tmp_path):
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     picture = np.random.default_rng(3).integers(0, 256, size=(60, 90, 3), dtype=np.uint8)
-    import cv2
-
     cv2.imwrite(str(tmp_path / "img.jpg"), picture)
     code = demo.main([
         "--config-file", str(REPO / "configs" / "tiny" / "trident_tiny.yaml"),
@@ -616,3 +619,16 @@ def test_demo_runs_the_tiny_trident(tmp_path):
     ])
     assert code == 0
     assert (tmp_path / "out" / "img_labels.png").is_file()
+
+
+def test_eval_only_runs_the_tiny_trident(tmp_path):
+    build_voc(tmp_path / "datasets")
+    command = [
+        sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
+        "configs/tiny/trident_tiny.yaml", "--eval-only", "datasets.test", "[voc_21]",
+        "datasets.root", str(tmp_path / "datasets"), "output_dir", str(tmp_path / "out"),
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "out" / "voc_21" / "results.json").read_text())
+    assert results["num_images"] == 3 and 0.0 <= results["mIoU"] <= 100.0
