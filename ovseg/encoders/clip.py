@@ -245,7 +245,7 @@ class ClipEncoder(nn.Module):
             patch_v = patch_v.reshape(batch, heads, head_dim, -1).transpose(2, 3)
             last_output = self._merge_heads(attn.unsqueeze(1) @ patch_v)
             out_grid = tuple(proxy_grid)
-        projected = visual.ln_post(last_output) @ visual.proj
+        projected = self.project(last_output)
         if mode == "proxy":
             features, cls_token = projected, None
         else:
@@ -254,6 +254,11 @@ class ClipEncoder(nn.Module):
             features=features, cls_token=cls_token, grid=out_grid, last_block_input=last_input,
             last_block_output=last_output, q=q, k=k, v=v, ln2=ln2,
         )
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ln_post then proj: (..., W) last-block tokens -> (..., D) joint-space features."""
+        visual = self.model.visual
+        return visual.ln_post(tokens.to(visual.proj.dtype)) @ visual.proj
 
     def _vanilla_attention(self, q, k, v) -> torch.Tensor:
         block = self.model.visual.transformer.resblocks[-1]

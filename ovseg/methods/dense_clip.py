@@ -21,7 +21,14 @@ from ovseg.layers.pamr import PAMR
 from ovseg.layers.resize import rescale_size, resize_image
 from ovseg.layers.windows import sliding_window_logits
 from ovseg.methods.base import Prediction
-from ovseg.text import Vocabulary, as_vocabulary, build_text_classifier, get_templates
+from ovseg.methods.common import (
+    TextClassifiers,
+    clip_from_config,
+    dino_from_config,
+    settings_from_config,
+)
+from ovseg.methods.device import resolve_device
+from ovseg.text import Vocabulary, as_vocabulary, get_templates
 from ovseg.text.vocabulary import max_over_synonyms
 
 
@@ -73,24 +80,11 @@ class DenseClip(nn.Module):
         self.settings = settings
         self.inference = inference
         self.pamr = PAMR(pamr.steps, tuple(pamr.dilations)) if pamr.steps > 0 else None
-        self.templates = templates
-        self.text_cache_dir = text_cache_dir
-        self._classifiers: dict[tuple[str, ...], torch.Tensor] = {}
+        self.text_classifier = TextClassifiers(clip, templates, text_cache_dir)
 
     @property
     def device(self) -> torch.device:
         return self.clip.mean.device
-
-    # ---- text --------------------------------------------------------------------------------
-    def text_classifier(self, names: list[str]) -> torch.Tensor:
-        """(N_names, D) normalised, template-averaged text embeddings (cached)."""
-        key = tuple(names)
-        if key not in self._classifiers:
-            self._classifiers[key] = build_text_classifier(
-                self.clip.encode_text, names, self.templates, model_id=self.clip.name,
-                cache_dir=self.text_cache_dir,
-            ).to(self.device)
-        return self._classifiers[key]
 
     # ---- image -------------------------------------------------------------------------------
     def proxy_features(self, windows: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -177,34 +171,15 @@ class DenseClip(nn.Module):
 
 def build_dense_clip(cfg) -> DenseClip:
     """Build :class:`DenseClip` from a full config (``cfg.model``, ``cfg.text``)."""
-    from omegaconf import OmegaConf
-
-    from ovseg.encoders import build_clip, build_dino
-    from ovseg.methods.device import resolve_device
-
     model_cfg = cfg.model
     device = resolve_device(model_cfg.device)
-    clip = build_clip(
-        model_cfg.clip.arch, model_cfg.clip.weights,
-        pos_embed_resize=model_cfg.clip.pos_embed_resize, quick_gelu=model_cfg.clip.quick_gelu,
-        device=device,
-    )
-    dino = None
-    if model_cfg.dense_clip.mode == "proxy":
-        dino = build_dino(
-            model_cfg.dino.arch, model_cfg.dino.weights,
-            pos_embed_resize=model_cfg.dino.pos_embed_resize,
-        ).to(device)
-
-    def as_object(node, kind):
-        return kind(**OmegaConf.to_container(node, resolve=True))
-
+    mode = model_cfg.dense_clip.mode
     return DenseClip(
-        clip,
-        as_object(model_cfg.dense_clip, DenseClipConfig),
-        as_object(model_cfg.inference, InferenceConfig),
-        as_object(model_cfg.pamr, PamrConfig),
+        clip_from_config(model_cfg, device),
+        settings_from_config(model_cfg.dense_clip, DenseClipConfig),
+        settings_from_config(model_cfg.inference, InferenceConfig),
+        settings_from_config(model_cfg.pamr, PamrConfig),
         get_templates(cfg.text.templates),
-        dino=dino,
+        dino=dino_from_config(model_cfg, device) if mode == "proxy" else None,
         text_cache_dir=cfg.text.cache_dir or None,
     )

@@ -170,10 +170,8 @@ class LinearProbe(nn.Module):
 def build_linear_probe(cfg) -> LinearProbe:
     """Build :class:`LinearProbe` for the classes of ``cfg.datasets.train`` (all must share one
     class list)."""
-    from omegaconf import OmegaConf
-
     from ovseg.data.catalog import class_vocabulary, register_from_config
-    from ovseg.encoders import build_clip
+    from ovseg.methods.common import clip_from_config, settings_from_config
     from ovseg.methods.device import resolve_device
 
     register_from_config(cfg)
@@ -191,11 +189,5 @@ def build_linear_probe(cfg) -> LinearProbe:
                 "probe trains on one class list"
             )
     model_cfg = cfg.model
-    device = resolve_device(model_cfg.device)
-    clip = build_clip(
-        model_cfg.clip.arch, model_cfg.clip.weights,
-        pos_embed_resize=model_cfg.clip.pos_embed_resize, quick_gelu=model_cfg.clip.quick_gelu,
-        device=device,
-    )
-    inference = InferenceConfig(**OmegaConf.to_container(model_cfg.inference, resolve=True))
-    return LinearProbe(clip, classes, inference)
+    clip = clip_from_config(model_cfg, resolve_device(model_cfg.device))
+    return LinearProbe(clip, classes, settings_from_config(model_cfg.inference, InferenceConfig))

@@ -46,8 +46,15 @@ from ovseg.layers.sam_prompts import (
 )
 from ovseg.layers.windows import Window, cut_windows, window_counts, window_grid
 from ovseg.methods.base import Prediction
+from ovseg.methods.common import (
+    TextClassifiers,
+    clip_from_config,
+    dino_from_config,
+    settings_from_config,
+)
 from ovseg.methods.dense_clip import labels_from_probabilities
-from ovseg.text import Vocabulary, as_vocabulary, build_text_classifier, get_templates
+from ovseg.methods.device import resolve_device
+from ovseg.text import Vocabulary, as_vocabulary, get_templates
 from ovseg.text.vocabulary import max_over_synonyms
 
 # rows of a full-resolution map built at a time (class probabilities, the refined labels)
@@ -443,10 +450,7 @@ def score_with_text(
         (N_names, h, w) float32 cosines.
     """
     dim, height, width = features.shape
-    # ClipEncoder has no public projection of its own; ln_post and proj are the visual tower's
-    visual = clip.model.visual
-    tokens = features.flatten(1).T.to(visual.proj.device, visual.proj.dtype)
-    projected = F.normalize(visual.ln_post(tokens) @ visual.proj, dim=-1)
+    projected = F.normalize(clip.project(features.flatten(1).T), dim=-1)
     cosine = projected @ text.to(projected.device, projected.dtype).T
     return cosine.T.reshape(-1, height, width).float()
 
@@ -668,23 +672,11 @@ class Trident(nn.Module):
         self.dino = dino
         self.sam = sam
         self.settings = settings
-        self.templates = templates
-        self.text_cache_dir = text_cache_dir
-        self._classifiers: dict[tuple[str, ...], torch.Tensor] = {}
+        self.text_classifier = TextClassifiers(clip, templates, text_cache_dir)
 
     @property
     def device(self) -> torch.device:
         return self.clip.mean.device
-
-    def text_classifier(self, names: list[str]) -> torch.Tensor:
-        """(N_names, E) normalised, template-averaged text embeddings (cached)."""
-        key = tuple(names)
-        if key not in self._classifiers:
-            self._classifiers[key] = build_text_classifier(
-                self.clip.encode_text, names, self.templates, model_id=self.clip.name,
-                cache_dir=self.text_cache_dir,
-            ).to(self.device)
-        return self._classifiers[key]
 
     def spliced_features(self, x: torch.Tensor) -> torch.Tensor:
         """Steps 1-3: (1, 3, H', W') processed image -> (D, H'/p, W'/p) spliced canvas."""
@@ -756,25 +748,15 @@ class Trident(nn.Module):
 
 def build_trident(cfg) -> Trident:
     """Build :class:`Trident` from a full config (``cfg.model``, ``cfg.text``)."""
-    from omegaconf import OmegaConf
-
-    from ovseg.encoders import build_clip, build_dino, build_sam
-    from ovseg.methods.device import resolve_device
+    from ovseg.encoders import build_sam
 
     model_cfg = cfg.model
     device = resolve_device(model_cfg.device)
-    clip = build_clip(
-        model_cfg.clip.arch, model_cfg.clip.weights,
-        pos_embed_resize=model_cfg.clip.pos_embed_resize, quick_gelu=model_cfg.clip.quick_gelu,
-        device=device,
-    )
-    dino = build_dino(
-        model_cfg.dino.arch, model_cfg.dino.weights,
-        pos_embed_resize=model_cfg.dino.pos_embed_resize,
-    ).to(device)
-    sam = build_sam(model_cfg.sam.arch, model_cfg.sam.weights).to(device)
-    settings = TridentConfig(**OmegaConf.to_container(model_cfg.trident, resolve=True))
     return Trident(
-        clip, dino, sam, settings, get_templates(cfg.text.templates),
+        clip_from_config(model_cfg, device),
+        dino_from_config(model_cfg, device),
+        build_sam(model_cfg.sam.arch, model_cfg.sam.weights).to(device),
+        settings_from_config(model_cfg.trident, TridentConfig),
+        get_templates(cfg.text.templates),
         text_cache_dir=cfg.text.cache_dir or None,
     )

@@ -1,0 +1,57 @@
+"""Pieces every method builds the same way: encoders from config, settings, text classifiers."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+
+from ovseg.text import build_text_classifier
+
+
+def settings_from_config(node, kind):
+    """A config section as its schema dataclass (plain Python values, no OmegaConf nodes)."""
+    return kind(**OmegaConf.to_container(node, resolve=True))
+
+
+def clip_from_config(model_cfg, device: torch.device):
+    """The CLIP encoder of ``cfg.model.clip`` on ``device``."""
+    from ovseg.encoders import build_clip
+
+    clip_cfg = model_cfg.clip
+    return build_clip(
+        clip_cfg.arch, clip_cfg.weights, pos_embed_resize=clip_cfg.pos_embed_resize,
+        quick_gelu=clip_cfg.quick_gelu, device=device,
+    )
+
+
+def dino_from_config(model_cfg, device: torch.device):
+    """The DINO encoder of ``cfg.model.dino`` on ``device``."""
+    from ovseg.encoders import build_dino
+
+    dino_cfg = model_cfg.dino
+    return build_dino(
+        dino_cfg.arch, dino_cfg.weights, pos_embed_resize=dino_cfg.pos_embed_resize
+    ).to(device)
+
+
+class TextClassifiers:
+    """Text classifiers of one CLIP, one per list of names: kept in memory and on disk.
+
+    ``classifiers(names)`` -> (N_names, D) normalised, template-averaged embeddings on the
+    CLIP's device; a vocabulary seen before costs no text-encoder forward.
+    """
+
+    def __init__(self, clip, templates: list[str], cache_dir: str | None = None):
+        self.clip = clip
+        self.templates = templates
+        self.cache_dir = cache_dir
+        self._in_memory: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def __call__(self, names: list[str]) -> torch.Tensor:
+        key = tuple(names)
+        if key not in self._in_memory:
+            self._in_memory[key] = build_text_classifier(
+                self.clip.encode_text, names, self.templates, model_id=self.clip.name,
+                cache_dir=self.cache_dir,
+            ).to(self.clip.mean.device)
+        return self._in_memory[key]
