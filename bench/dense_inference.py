@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+from _memory import print_peak_memory_of_predict
 
 import ovseg
 from ovseg.layers import rescale_size, resize_image, window_grid
@@ -76,15 +76,7 @@ def peak_memory_child(args, side: int) -> float:
 
 def child(args) -> None:
     model = build(args.arch, args.device, args.short_side)
-    image = np.random.default_rng(0).integers(0, 256, (args.child_side,) * 2 + (3,), np.uint8)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    model.predict(image, VOCABULARY)
-    if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"peak_mib": peak}))
+    print_peak_memory_of_predict(model, args.child_side, VOCABULARY, args.device)
 
 
 def main() -> None:

@@ -109,7 +109,7 @@ def test_another_architecture_is_an_error_naming_the_keys(tmp_path):
     _, _, _, checkpointer = make(tmp_path, classes=3)
     checkpointer.save(5)
     other = Checkpointer(Probe(classes=5), tmp_path)
-    with pytest.raises(CheckpointError, match=r"shape mismatches: head\.0\.bias \(checkpoint "
+    with pytest.raises(CheckpointError, match=r"shape mismatches: head\.0\.bias \(file "
                        r"\(3,\), model \(5,\)\), head\.0\.weight"):
         other.load("model_0000005", model_only=True)
 

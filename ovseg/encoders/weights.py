@@ -12,6 +12,7 @@ Files are read with ``torch.load(weights_only=True)`` or safetensors, never by u
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,25 +119,44 @@ def load_into(
         state = {k[len(strip_prefix):] if k.startswith(strip_prefix) else k: v
                  for k, v in state.items()}
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if wrong_shape:
-            parts.append(f"{len(wrong_shape)} shape mismatches (e.g. {'; '.join(wrong_shape[:3])})")
+    problems = describe_mismatch(own, own, state)
+    if problems:
         raise WeightsError(
-            f"weights {source} do not fit: expected {expected}; " + "; ".join(parts)
+            f"weights {source} do not fit: expected {expected}; " + "; ".join(problems)
         )
     module.load_state_dict(state, strict=True)
+
+
+def describe_mismatch(
+    required: Mapping[str, torch.Tensor],
+    known: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    listed: int = 5,
+) -> list[str]:
+    """What keeps ``state`` from loading, as parts of an error message (empty when it fits).
+
+    required: keys ``state`` must hold; known: every key the model has, with its tensor.
+    """
+    missing = sorted(set(required) - set(state))
+    unexpected = sorted(set(state) - set(known))
+    wrong_shape = sorted(
+        f"{key} (file {tuple(state[key].shape)}, model {tuple(known[key].shape)})"
+        for key in set(state) & set(known)
+        if tuple(state[key].shape) != tuple(known[key].shape)
+    )
+
+    def names(keys: list[str]) -> str:
+        more = f" and {len(keys) - listed} more" if len(keys) > listed else ""
+        return ", ".join(keys[:listed]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {names(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {names(unexpected)}")
+    if wrong_shape:
+        parts.append(f"shape mismatches: {names(wrong_shape)}")
+    return parts
 
 
 def offline_hint(what: str, config_key: str) -> str:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ovseg.encoders.weights import describe_mismatch
 from ovseg.engine import comm
 from ovseg.errors import OvsegError
 
@@ -45,8 +46,6 @@ MODEL_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".state.pth"
 MANIFEST_SUFFIX = ".json"
 _NAME = re.compile(r"^model_(\d{7,})$")
-# how many keys an error lists before "and N more"
-_LISTED_KEYS = 5
 
 
 class CheckpointError(OvsegError, RuntimeError):
@@ -82,11 +81,6 @@ def trainable_state_dict(model: nn.Module, include_frozen: bool = False) -> dict
     return {key: value for key, value in full.items() if key in keep}
 
 
-def _listed(keys: list[str]) -> str:
-    more = f" and {len(keys) - _LISTED_KEYS} more" if len(keys) > _LISTED_KEYS else ""
-    return ", ".join(keys[:_LISTED_KEYS]) + more
-
-
 def load_model_state(
     model: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -103,25 +97,11 @@ def load_model_state(
         CheckpointError: naming the missing, unexpected and wrongly shaped keys.
     """
     full = model.state_dict()
-    expected = trainable_state_dict(model, include_frozen)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(full))
-    wrong_shape = sorted(
-        f"{key} (checkpoint {tuple(state[key].shape)}, model {tuple(full[key].shape)})"
-        for key in set(state) & set(full)
-        if tuple(state[key].shape) != tuple(full[key].shape)
-    )
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_listed(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listed(unexpected)}")
-        if wrong_shape:
-            parts.append(f"shape mismatches: {_listed(wrong_shape)}")
+    problems = describe_mismatch(trainable_state_dict(model, include_frozen), full, state)
+    if problems:
         raise CheckpointError(
             f"checkpoint {source} does not fit the model {type(model).__name__} (another "
-            f"architecture or number of classes?); " + "; ".join(parts)
+            f"architecture or number of classes?); " + "; ".join(problems)
         )
     model.load_state_dict(dict(state), strict=False)
 
