@@ -379,8 +379,8 @@ def build_sam(arch: str, weights: str) -> SamEncoder:
     if arch != "tiny" and (not raw or spec.kind in ("tag", "hf_hub")):
         given = f"{weights!r} is not a file" if raw else "no weights were given"
         raise WeightsError(
-            f"SAM {arch} needs a local checkpoint file ({CHECKPOINT_NAMES[arch]} from "
-            "https://github.com/facebookresearch/segment-anything#model-checkpoints); "
+            f"SAM {arch} needs a local checkpoint file ({CHECKPOINT_NAMES[arch]}, listed under "
+            "'Model Checkpoints' in the facebookresearch/segment-anything README); "
             f"{given}. Set `{WEIGHTS_CONFIG_KEY} /path/to/{CHECKPOINT_NAMES[arch]}` "
             "(or `random` for timing runs)"
         )

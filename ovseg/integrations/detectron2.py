@@ -32,8 +32,8 @@ from ovseg.data.catalog import (
 
 INSTALL_HINT = (
     "detectron2 is not installed; it has no release for current torch, so build it from "
-    "source: pip install --no-build-isolation 'git+https://github.com/facebookresearch/"
-    "detectron2.git' (see the README, section Training)"
+    "source: clone the facebookresearch/detectron2 repository and run "
+    "`pip install --no-build-isolation -e detectron2` (see the README, section Training)"
 )
 
 
