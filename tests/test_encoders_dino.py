@@ -255,3 +255,9 @@ def test_dinov2_checkpoint_layout_is_converted() -> None:
     assert sorted(converted) == sorted(timm_state)
     for key, value in timm_state.items():
         assert torch.allclose(converted[key], value, atol=1e-6), key
+
+
+def test_random_weights_are_reproducible():
+    first = build_dino("tiny-p16", "random").state_dict()
+    second = build_dino("tiny-p16", "random").state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)

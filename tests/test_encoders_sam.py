@@ -223,3 +223,13 @@ def test_vit_b_builds() -> None:
     encoder = build_sam("vit_b", "random")
     assert encoder.img_size == 1024 and encoder.grid == (64, 64)
     assert encoder.last_global_index == 11 and encoder.num_heads == 12 and encoder.out_chans == 256
+
+
+def test_random_weights_are_reproducible_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = build_sam("tiny", "random").state_dict()
+    assert torch.equal(torch.rand(1), expected_next)
+    second = build_sam("tiny", "random").state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -23,6 +23,7 @@ from ovseg.encoders.weights import (
     load_state_dict_file,
     offline_hint,
     parse_weights_spec,
+    seeded_init,
 )
 
 # OpenAI checkpoints carry these scalars beside the weights; open_clip's models have no such keys
@@ -340,8 +341,7 @@ def build_clip(
             what = f"CLIP weights {arch!r}/{spec.value!r}"
             raise WeightsError(f"{offline_hint(what, 'model.clip.weights')} ({exc})") from exc
     else:
-        with torch.random.fork_rng(devices=[]), _quiet_root_logger():
-            torch.manual_seed(0)
+        with seeded_init(), _quiet_root_logger():
             model = open_clip.create_model(arch, pretrained=None, **kwargs)
         if spec.is_file:
             state = load_state_dict_file(spec.value)

@@ -27,6 +27,7 @@ from ovseg.encoders.weights import (
     load_state_dict_file,
     offline_hint,
     parse_weights_spec,
+    seeded_init,
 )
 from ovseg.errors import ConfigError, WeightsError
 
@@ -363,7 +364,8 @@ def build_dino(arch: str, weights: str, pos_embed_resize: str = "offset") -> Din
             )
         model = _download_timm(arch, spec.kind, spec.value)
     else:
-        model = _create_timm_vit(arch, pretrained=False)
+        with seeded_init():
+            model = _create_timm_vit(arch, pretrained=False)
         if spec.is_file:
             state = load_state_dict_file(spec.value)
             expected = f"a timm {arch} state dict"

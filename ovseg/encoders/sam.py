@@ -32,7 +32,12 @@ from segment_anything.modeling.image_encoder import get_rel_pos
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor, nn
 
-from ovseg.encoders.weights import load_into, load_state_dict_file, parse_weights_spec
+from ovseg.encoders.weights import (
+    load_into,
+    load_state_dict_file,
+    parse_weights_spec,
+    seeded_init,
+)
 from ovseg.errors import ConfigError, WeightsError
 
 WEIGHTS_CONFIG_KEY = "model.sam.weights"
@@ -108,12 +113,12 @@ def attention_rows(features: SamFeatures, rows: slice) -> Tensor:
     if features.rel_h is not None and features.rel_w is not None:
         b, heads, n_rows, _ = logits.shape
         h, w = features.grid
-        logits = (
-            logits.view(b, heads, n_rows, h, w)
-            + features.rel_h[:, :, rows, :, None]
-            + features.rel_w[:, :, rows, None, :]
-        ).view(b, heads, n_rows, h * w)
-    return logits.softmax(dim=-1)
+        grid_logits = logits.view(b, heads, n_rows, h, w)
+        grid_logits.add_(features.rel_h[:, :, rows, :, None])
+        grid_logits.add_(features.rel_w[:, :, rows, None, :])
+    # softmax in place: the chunk is the largest tensor of this step, so no second copy of it
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=-1, keepdim=True))
 
 
 def attention_in_chunks(
@@ -389,7 +394,8 @@ def build_sam(arch: str, weights: str) -> SamEncoder:
             f"the tiny SAM has no pretrained weights; set `{WEIGHTS_CONFIG_KEY}` to `random` or "
             "a local file"
         )
-    sam = _tiny_sam() if arch == "tiny" else sam_model_registry[arch](checkpoint=None)
+    with seeded_init():
+        sam = _tiny_sam() if arch == "tiny" else sam_model_registry[arch](checkpoint=None)
     if spec.is_file:
         state = load_state_dict_file(spec.value)
         expected = f"a SAM {arch} checkpoint"

@@ -12,7 +12,8 @@ Files are read with ``torch.load(weights_only=True)`` or safetensors, never by u
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,16 @@ def parse_weights_spec(spec: str) -> WeightsSpec:
     if spec.endswith(WEIGHT_FILE_SUFFIXES) or "/" in spec or spec.startswith("."):
         return WeightsSpec("file", str(Path(spec).expanduser()))
     return WeightsSpec("tag", spec)
+
+
+@contextmanager
+def seeded_init(seed: int = 0) -> Iterator[None]:
+    """Build a model inside this block and its random initialisation is the same every time,
+    so ``random`` weights (tests, benchmarks, caches keyed by weights) are reproducible; the
+    caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
