@@ -37,6 +37,7 @@ def test_eval_only_writes_results_with_protocol(voc_root, tmp_path):
     protocol = results["protocol"]
     assert protocol["benchmark"] == "voc_21" and protocol["images"] == 3
     assert len(protocol["class_file_sha256"]) == 64
+    assert protocol["prompt_file_sha256"] == protocol["class_file_sha256"]  # no prompt set
     assert "dense_clip" in protocol["config"]
     assert (tmp_path / "one" / "voc_21" / "results.md").is_file()
     assert (tmp_path / "one" / "config.yaml").is_file()

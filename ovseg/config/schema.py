@@ -87,6 +87,9 @@ class ModelConfig:
 class TextConfig:
     templates: str = "openai_imagenet"  # openai_imagenet (80) | vild (14) | single
     cache_dir: str = ""  # "" = $OVSEG_CACHE or ~/.cache/ovseg
+    # "" = the catalog's class names; "sclip" | "proxyclip" = that reference's class-name files
+    # (ovseg/data/classes/prompts/<set>/), which published numbers were measured with
+    prompt_names: str = ""
 
 
 @dataclass

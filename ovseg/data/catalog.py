@@ -21,6 +21,11 @@ synonym of "toilet"). So where classes of ADE-847 share a name, it stays with on
 class for which it is the only name, else the class it names first, else the first class - and
 is removed from the synonyms of the others ("toilet, commode, crapper, potty" and "stool";
 "flowerpot" and "pot"). No name was added.
+
+Prompt-name files (``ovseg/data/classes/prompts/<set>/<name>.txt``) are a reference method's own
+class-name file for a benchmark (same classes, same order, its synonyms and background words),
+chosen with ``class_vocabulary(name, prompt_names=<set>)`` / ``text.prompt_names``; each file's
+header says where it comes from and what was edited.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from ovseg.errors import OvsegError
 from ovseg.text import Vocabulary, read_vocabulary_file
 
 CLASSES_DIR = Path(__file__).resolve().parent / "classes"
+PROMPTS_DIR = CLASSES_DIR / "prompts"
 DEFAULT_DATASETS_ROOT = Path("datasets")
 DATASETS_ENV = "OVSEG_DATASETS"
 _README_HINT = "see datasets/README.md for how to obtain and prepare it"
@@ -329,15 +335,75 @@ def class_names(name: str) -> list[str]:
     return _benchmark_classes(get_benchmark(name)).class_names
 
 
-def class_vocabulary(name: str) -> Vocabulary:
+def prompt_name_sets() -> list[str]:
+    """Names of the shipped prompt-name sets (folders of ``classes/prompts``), sorted."""
+    if not PROMPTS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PROMPTS_DIR.iterdir() if p.is_dir() and p.name[0] != ".")
+
+
+def prompt_file(name: str, prompt_names: str = "") -> Path:
+    """The class-name file ``class_vocabulary(name, prompt_names)`` reads."""
+    info = get_benchmark(name)
+    prompt_names = str(prompt_names or "").strip()
+    if prompt_names and not info.custom:
+        _prompt_vocabulary(info, prompt_names)  # validates the set, with its clear errors
+        return PROMPTS_DIR / prompt_names / f"{info.name}.txt"
+    return info.class_file
+
+
+def _prompt_vocabulary(info: BenchmarkInfo, prompt_names: str) -> Vocabulary:
+    sets = prompt_name_sets()
+    having = [s for s in sets if (PROMPTS_DIR / s / f"{info.name}.txt").is_file()]
+    # checked against the shipped folders, so a set name never reaches the filesystem as a path
+    if prompt_names not in having:
+        problem = (
+            f"is not a prompt-name set (benchmark '{info.name}')"
+            if prompt_names not in sets
+            else f"has no class-name file for benchmark '{info.name}'"
+        )
+        raise DatasetError(
+            f"text.prompt_names '{prompt_names}' {problem}; "
+            f"available sets: {', '.join(sets) or 'none'} (with a file for '{info.name}': "
+            f"{', '.join(having) or 'none'}); '' = the catalog's class names"
+        )
+    path = PROMPTS_DIR / prompt_names / f"{info.name}.txt"
+    try:
+        vocabulary = _read_class_file(path)
+    except OvsegError as error:
+        raise DatasetError(f"prompt-name file of set '{prompt_names}': {error}") from error
+    if vocabulary.num_classes != info.num_classes:
+        raise DatasetError(
+            f"prompt-name file {path} has {vocabulary.num_classes} classes; benchmark "
+            f"'{info.name}' has {info.num_classes}"
+        )
+    return vocabulary
+
+
+def class_vocabulary(name: str, prompt_names: str = "") -> Vocabulary:
     """The vocabulary a text classifier uses for a benchmark, one class per label value.
 
-    For a benchmark with a background class, class 0's names are its background words rather
-    than the literal "background". A background word that is also a name of another class
-    (COCO-Object's "bed") is left out of class 0: the vocabulary keeps a name in one class only,
-    and the object class must keep it for its index to survive.
+    Args:
+        name: a name of ``list_benchmarks()``.
+        prompt_names: "" = the catalog's class file (below); a set of ``prompt_name_sets()``
+            (e.g. "sclip", "proxyclip") = that reference's class-name file for the benchmark,
+            read as it is (its background line included). Custom datasets ignore it and use
+            their own class file.
+
+    Without a set, class 0 of a benchmark with a background class is named by its background
+    words rather than the literal "background". A background word that is also a name of
+    another class (COCO-Object's "bed") is left out of class 0: the vocabulary keeps a name in
+    one class only, and the object class must keep it for its index to survive.
+
+    Raises:
+        DatasetError: unknown benchmark; a set that is unknown or has no file for the
+            benchmark (the message lists the sets); a file whose class count differs from the
+            benchmark's.
     """
     info = get_benchmark(name)
+    prompt_names = str(prompt_names or "").strip()
+    if prompt_names and not info.custom:
+        return _prompt_vocabulary(info, prompt_names)
     vocabulary = _benchmark_classes(info)
     if not (info.has_background and info.background_words):
         return vocabulary

@@ -21,6 +21,7 @@ from ovseg.data.catalog import (
     class_vocabulary,
     get_benchmark,
     load_dataset,
+    prompt_file,
     register_from_config,
 )
 from ovseg.encoders.weights import parse_weights_spec
@@ -66,7 +67,8 @@ def evaluate_benchmark(model, name: str, cfg, output_dir: str | Path) -> dict | 
     """Evaluate ``model`` on one benchmark; rank 0 returns (and writes) the results."""
     info = get_benchmark(name)
     dataset = load_dataset(name, cfg.datasets.root or None)
-    vocabulary = class_vocabulary(name)
+    # the prompts may be a reference's own class-name file; the table keeps our class names
+    vocabulary = class_vocabulary(name, cfg.text.prompt_names)
     evaluator = SemSegEvaluator(
         info.num_classes, info.ignore_value, class_names=class_names(name),
         absent_classes=cfg.evaluation.absent_classes,
@@ -93,6 +95,9 @@ def evaluate_benchmark(model, name: str, cfg, output_dir: str | Path) -> dict | 
         "split": info.split,
         "class_file": str(info.class_file),
         "class_file_sha256": file_sha256(info.class_file),
+        "prompt_names": str(cfg.text.prompt_names),
+        "prompt_file": str(prompt_file(name, cfg.text.prompt_names)),
+        "prompt_file_sha256": file_sha256(prompt_file(name, cfg.text.prompt_names)),
         "images": len(dataset),
         "processes": get_world_size(),
         "wall_time_s": round(time.perf_counter() - started, 3),
