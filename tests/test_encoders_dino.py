@@ -11,14 +11,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from ovseg.encoders.clip import OPENAI_MEAN, OPENAI_STD
 from ovseg.encoders.dino import DinoEncoder, _adapt_checkpoint, build_dino
 from ovseg.encoders.weights import save_state_dict_file
 from ovseg.errors import ConfigError, WeightsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # OpenAI CLIP mean/std on the 0-1 scale: ProxyCLIP un-normalises its crop with these
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def dense_clip_fixtures() -> Path:
@@ -45,7 +44,7 @@ def test_proxy_features_match_proxyclip_fixture(patch: int) -> None:
     encoder = build_dino(f"tiny-p{patch}", str(fixtures / f"weights_dino_p{patch}.pt"))
 
     # ProxyCLIP's DINO input: the CLIP-normalised crop, un-normalised, ImageNet-normalised
-    x = encoder.renormalize(inputs["x_s336"], CLIP_MEAN, CLIP_STD)
+    x = encoder.renormalize(inputs["x_s336"], OPENAI_MEAN, OPENAI_STD)
     with torch.no_grad():
         features = encoder(x)
     assert features.grid == (336 // patch, 336 // patch)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import ovseg
 from ovseg.config.trident_schema import TridentConfig
 from ovseg.encoders import sam as sam_module
-from ovseg.encoders.normalization import clip_to_imagenet
+from ovseg.encoders.clip import OPENAI_MEAN, OPENAI_STD
 from ovseg.encoders.sam import SamFeatures, attention_rows
 from ovseg.errors import ConfigError
 from ovseg.layers import cut_windows, stitch_windows
@@ -122,7 +122,7 @@ def test_windows_cut_from_a_map_splice_back_exactly():
 def direct_proxy_outputs(clip, dino, x, windows, gamma, beta):
     """All windows at once: m = mean of S over every window, A, out_proj(A v)."""
     crops = cut_windows(x, windows)
-    tokens = F.normalize(dino(clip_to_imagenet(crops)).tokens, dim=-1)
+    tokens = F.normalize(dino(dino.renormalize(crops, OPENAI_MEAN, OPENAI_STD)).tokens, dim=-1)
     similarity = tokens @ tokens.transpose(1, 2)
     logits = gamma * (similarity - beta * similarity.mean())
     attention = logits.masked_fill(logits < 0, float("-inf")).softmax(-1)

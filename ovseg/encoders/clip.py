@@ -34,6 +34,10 @@ _MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 # OpenAI CLIP's normalisation on the 0-255 scale, as mmseg-style pipelines apply it
 CLIP_MEAN_255 = (122.771, 116.746, 104.094)
 CLIP_STD_255 = (68.501, 66.632, 70.323)
+# the same statistics on the 0-1 scale, unrounded: ProxyCLIP and Trident un-normalise CLIP crops
+# with these before re-normalising them for DINO (DinoEncoder.renormalize)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass

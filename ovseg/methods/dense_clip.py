@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovseg.config.schema import DenseClipConfig, InferenceConfig, PamrConfig
-from ovseg.encoders.clip import CLIP_MODES, ClipEncoder
-from ovseg.encoders.normalization import clip_to_imagenet
+from ovseg.encoders.clip import CLIP_MODES, OPENAI_MEAN, OPENAI_STD, ClipEncoder
 from ovseg.errors import ConfigError
 from ovseg.layers.chunked_resize import resized_row_bands
 from ovseg.layers.pamr import PAMR
@@ -89,7 +88,7 @@ class DenseClip(nn.Module):
     # ---- image -------------------------------------------------------------------------------
     def proxy_features(self, windows: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """DINO tokens of CLIP-normalised windows, re-normalised with ImageNet statistics."""
-        features = self.dino(clip_to_imagenet(windows))
+        features = self.dino(self.dino.renormalize(windows, OPENAI_MEAN, OPENAI_STD))
         return features.tokens, tuple(features.grid)
 
     def window_cosine(self, windows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovseg.config.trident_schema import TRIDENT_COMPAT, TridentConfig
-from ovseg.encoders.clip import ClipEncoder
+from ovseg.encoders.clip import OPENAI_MEAN, OPENAI_STD, ClipEncoder
 from ovseg.encoders.dino import DinoEncoder
-from ovseg.encoders.normalization import clip_to_imagenet
 from ovseg.encoders.sam import SamEncoder, SamFeatures, attention_in_chunks
 from ovseg.errors import ConfigError
 from ovseg.layers.chunked_resize import resized_row_bands
@@ -183,7 +182,7 @@ def proxy_window_features(
     tokens: list[torch.Tensor] = []
     dino_grid: tuple[int, int] = (0, 0)
     for batch in batches:
-        features = dino(clip_to_imagenet(cut_windows(x, batch)))
+        features = dino(dino.renormalize(cut_windows(x, batch), OPENAI_MEAN, OPENAI_STD))
         tokens.append(features.tokens)
         dino_grid = tuple(features.grid)
     mean = proxy_similarity_mean(tokens)
