@@ -7,7 +7,7 @@ memory of a (C, H, W) upsampling to one band plus the output.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -44,3 +44,21 @@ def resized_row_bands(
         rows = slice(start, min(start + band_rows, height))
         band = torch.einsum("rh,chw->crw", along_h[rows], maps)
         yield rows, band @ along_w.T
+
+
+def map_resized_bands(
+    maps: torch.Tensor,
+    size: tuple[int, int],
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    channels_out: int,
+    band_rows: int = 256,
+) -> torch.Tensor:
+    """``transform`` of ``maps`` (C, h, w) resized bilinearly to ``size``, one band at a time.
+
+    transform: (C, rows, W) -> (channels_out, rows, W), applied per band (it must act on each
+    pixel alone, e.g. a softmax over channels). Returns (channels_out, H, W) float32 on the CPU.
+    """
+    out = torch.empty((channels_out, *size), dtype=torch.float32)
+    for rows, band in resized_row_bands(maps, size, band_rows):
+        out[:, rows] = transform(band).cpu()
+    return out

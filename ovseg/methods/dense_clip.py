@@ -15,7 +15,7 @@ from torch import nn
 from ovseg.config.schema import DenseClipConfig, InferenceConfig, PamrConfig
 from ovseg.encoders.clip import CLIP_MODES, OPENAI_MEAN, OPENAI_STD, ClipEncoder
 from ovseg.errors import ConfigError
-from ovseg.layers.chunked_resize import resized_row_bands
+from ovseg.layers.chunked_resize import map_resized_bands
 from ovseg.layers.pamr import PAMR
 from ovseg.layers.resize import rescale_size, resize_image
 from ovseg.layers.windows import sliding_window_logits
@@ -162,10 +162,10 @@ class DenseClip(nn.Module):
 
     def _class_probabilities_in_bands(self, cosine, size, vocabulary: Vocabulary) -> torch.Tensor:
         """Resize back and score a band of rows at a time: memory is one band plus the output."""
-        probs = torch.empty(vocabulary.num_classes, *size)
-        for rows, band in resized_row_bands(cosine, size):
-            probs[:, rows] = self.class_probabilities(band, vocabulary).cpu()
-        return probs
+        return map_resized_bands(
+            cosine, size, lambda band: self.class_probabilities(band, vocabulary),
+            vocabulary.num_classes,
+        )
 
 
 def build_dense_clip(cfg) -> DenseClip:

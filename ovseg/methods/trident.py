@@ -32,7 +32,7 @@ from ovseg.encoders.clip import OPENAI_MEAN, OPENAI_STD, ClipEncoder
 from ovseg.encoders.dino import DinoEncoder
 from ovseg.encoders.sam import SamEncoder, SamFeatures, attention_in_chunks
 from ovseg.errors import ConfigError
-from ovseg.layers.chunked_resize import resized_row_bands
+from ovseg.layers.chunked_resize import map_resized_bands
 from ovseg.layers.components import connected_components
 from ovseg.layers.resize import rescale_size, resize_image
 from ovseg.layers.sam_prompts import (
@@ -483,11 +483,11 @@ def class_probabilities(
     Returns:
         (C, H, W) float32 on the CPU.
     """
-    probs = torch.empty((vocabulary.num_classes, *size), dtype=torch.float32)
-    for rows, band in resized_row_bands(cosine, size, BAND_ROWS):
-        names = (logit_scale * band).softmax(dim=0)
-        probs[:, rows] = apply_background_rule(names, vocabulary).cpu()
-    return probs
+    return map_resized_bands(
+        cosine, size,
+        lambda band: apply_background_rule((logit_scale * band).softmax(dim=0), vocabulary),
+        vocabulary.num_classes, BAND_ROWS,
+    )
 
 
 def thresholded_labels(probs: torch.Tensor, prob_thd: float) -> torch.Tensor:
