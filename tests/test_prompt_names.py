@@ -73,35 +73,32 @@ def test_both_sets_ship_a_file_for_every_benchmark():
         assert shipped == sorted(BENCHMARKS)
 
 
-@pytest.mark.parametrize(("prompt_set", "benchmark"), SHIPPED)
-def test_every_file_parses_to_the_benchmark_class_count(prompt_set, benchmark):
+@pytest.mark.parametrize(("prompt_set", "benchmark_name"), SHIPPED)
+def test_every_file_parses_to_the_benchmark_class_count(prompt_set, benchmark_name):
     with warnings.catch_warnings():
         # a dropped class (a line whose names all appeared earlier) warns: none may
         warnings.simplefilter("error")
-        vocabulary = read_vocabulary_file(_prompt_file(prompt_set, benchmark))
-        selected = class_vocabulary(benchmark, prompt_set)
-    assert vocabulary.num_classes == get_benchmark(benchmark).num_classes
+        vocabulary = read_vocabulary_file(_prompt_file(prompt_set, benchmark_name))
+        selected = class_vocabulary(benchmark_name, prompt_set)
+    assert vocabulary.num_classes == get_benchmark(benchmark_name).num_classes
     assert selected == vocabulary
 
 
-@pytest.mark.parametrize(("prompt_set", "benchmark"), SHIPPED)
-def test_no_name_is_dropped_by_the_vocabulary_rule(prompt_set, benchmark):
+@pytest.mark.parametrize(("prompt_set", "benchmark_name"), SHIPPED)
+def test_no_name_is_dropped_by_the_vocabulary_rule(prompt_set, benchmark_name):
     # every name written in the file reaches the text classifier
-    lines = [
-        line
-        for line in _prompt_file(prompt_set, benchmark).read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
+    text = _prompt_file(prompt_set, benchmark_name).read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
     written = [name.strip() for line in lines for name in line.split(", ")]
-    assert class_vocabulary(benchmark, prompt_set).names == written
+    assert class_vocabulary(benchmark_name, prompt_set).names == written
 
 
-@pytest.mark.parametrize(("prompt_set", "benchmark"), SHIPPED)
-def test_class_order_agrees_with_the_catalog(prompt_set, benchmark):
-    info = get_benchmark(benchmark)
-    ours = class_names(benchmark)
-    theirs = class_vocabulary(benchmark, prompt_set).class_names
-    variants = SPELLING_VARIANTS.get(benchmark.split("_")[0], {})
+@pytest.mark.parametrize(("prompt_set", "benchmark_name"), SHIPPED)
+def test_class_order_agrees_with_the_catalog(prompt_set, benchmark_name):
+    info = get_benchmark(benchmark_name)
+    ours = class_names(benchmark_name)
+    theirs = class_vocabulary(benchmark_name, prompt_set).class_names
+    variants = SPELLING_VARIANTS.get(benchmark_name.split("_")[0], {})
     start = 0
     if info.has_background:
         # class 0 is the background line: the word itself or a list of stuff names
