@@ -170,6 +170,9 @@ def test_killed_run_resumes_to_bitwise_equal_weights(toy, reference_run, tmp_pat
     resumed = train_net(toy["config"], output, "--resume", *workers_opt)
     assert "training from iteration 100 to 300" in resumed.stderr
     assert_bitwise_equal(final_weights(output), final_weights(reference_run))
+    # the lines of iterations 101-110 written before the kill are not repeated
+    iterations = [r["iteration"] for r in metrics(output) if "total_loss" in r]
+    assert iterations == list(range(1, MAX_ITER + 1))
     resumed_state = torch.load(output / "model_0000300.state.pth", weights_only=True)
     reference_state = torch.load(reference_run / "model_0000300.state.pth", weights_only=True)
     for key, value in reference_state["optimizer"]["state"][0].items():

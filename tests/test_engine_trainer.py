@@ -296,3 +296,16 @@ def test_batch_split_over_processes_and_accumulation():
         per_process_batch_size(16, 2, 3)
     with pytest.raises(ConfigError, match="at least 1"):
         per_process_batch_size(16, 1, 0)
+
+
+def test_resume_drops_metrics_lines_past_the_checkpoint(tmp_path):
+    from ovseg.engine.hooks import drop_metrics_after
+
+    path = tmp_path / "metrics.json"
+    lines = [json.dumps({"iteration": i, "total_loss": 1.0 / i}) for i in range(1, 8)]
+    path.write_text("\n".join(lines) + '\n{"iteration": 8, "tot')  # cut short by a kill
+    assert drop_metrics_after(path, 5) == 3
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [
+        1, 2, 3, 4, 5]
+    assert drop_metrics_after(path, 5) == 0
+    assert drop_metrics_after(tmp_path / "absent.json", 5) == 0

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ovseg.engine import comm
-from ovseg.engine.checkpoint import Checkpointer, rng_state, set_rng_state
+from ovseg.engine.checkpoint import Checkpointer, atomic_write_bytes, rng_state, set_rng_state
 from ovseg.engine.trainer import TrainingError
 
 if TYPE_CHECKING:
@@ -69,6 +69,29 @@ def append_metrics(path: str | os.PathLike[str], record: Mapping[str, Any]) -> N
     """Append one JSON line to ``path`` (the caller is rank 0)."""
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(dict(record), sort_keys=False) + "\n")
+
+
+def drop_metrics_after(path: str | os.PathLike[str], iteration: int) -> int:
+    """Rewrite ``path`` without the lines of iterations after ``iteration``; returns how many
+    were dropped. A run resumed from iteration k redoes the steps after k, so the lines a killed
+    run wrote past its checkpoint would otherwise appear twice."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record_iteration = json.loads(line).get("iteration", 0)
+        except (json.JSONDecodeError, AttributeError):
+            dropped += 1  # a line cut short by the kill
+            continue
+        if record_iteration > iteration:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        atomic_write_bytes(path, "".join(kept).encode("utf-8"))
+    return dropped
 
 
 @contextmanager
@@ -172,6 +195,10 @@ class MetricsWriter(HookBase):
         if not comm.is_main_process():
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        dropped = drop_metrics_after(self.output_dir / METRICS_FILE, self.trainer.start_iter)
+        if dropped:
+            logger.info("dropped %d %s lines past iteration %d (redone by this run)", dropped,
+                        METRICS_FILE, self.trainer.start_iter)
         if self.use_tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
