@@ -6,10 +6,14 @@ __version__ = "0.1.0"
 
 
 def get_config(path_or_name, overrides=()):
-    """Load a YAML config (with ``_base_`` inheritance) and apply ``KEY VALUE`` overrides."""
-    from ovseg.config import get_config as _get_config
+    """Load a YAML config (with ``_base_`` inheritance) and apply ``KEY VALUE`` overrides.
 
-    return _get_config(path_or_name, overrides)
+    The config holds the sections of the method ``model.name`` names, and only those.
+    """
+    from ovseg.config import get_config as _get_config
+    from ovseg.methods import METHODS
+
+    return _get_config(path_or_name, overrides, METHODS)
 
 
 def build_model(cfg):

@@ -19,3 +19,7 @@ class VocabularyError(OvsegError, ValueError):
 
 class ImageReadError(OvsegError, OSError):
     """An input image cannot be read or decoded."""
+
+
+class DatasetError(OvsegError):
+    """A benchmark is unknown, its files are missing or a label file holds invalid values."""

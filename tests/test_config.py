@@ -8,8 +8,22 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from ovseg.config import Config, apply_overrides, config_to_yaml, get_config, save_config
+from ovseg import get_config
+from ovseg.config import (
+    Config,
+    apply_overrides,
+    config_to_yaml,
+    default_config,
+    save_config,
+    structured_default,
+)
 from ovseg.errors import ConfigError
+from ovseg.methods import METHODS
+
+
+def dense_clip_default():
+    """The default config (model.name dense_clip) with the sections dense_clip reads."""
+    return structured_default("dense_clip", METHODS)
 
 
 def write(path: Path, text: str) -> Path:
@@ -31,7 +45,7 @@ def test_defaults_come_from_schema(tmp_path: Path) -> None:
     cfg = get_config(write(tmp_path / "empty.yaml", ""))
     assert isinstance(cfg, DictConfig)
     assert OmegaConf.get_type(cfg) is Config
-    assert cfg == OmegaConf.structured(Config)
+    assert cfg == dense_clip_default()
     assert cfg.model.inference.crop == 224
     assert cfg.model.pamr.dilations == [8, 16]
     assert OmegaConf.is_struct(cfg)
@@ -216,7 +230,7 @@ def test_overrides_parse_ints_floats_lists_strings(tmp_path: Path) -> None:
 
 
 def test_overrides_apply_left_to_right_and_merge_sections() -> None:
-    base = OmegaConf.structured(Config)
+    base = dense_clip_default()
     cfg = apply_overrides(
         base, ["seed", "1", "seed", "2", "model.inference", "{crop: 448, stride: 224}"]
     )
@@ -251,7 +265,7 @@ def test_wrong_type_override_is_an_error(tmp_path: Path) -> None:
 
 def test_override_key_below_a_value_is_an_error() -> None:
     with pytest.raises(ConfigError, match="command line.*model.inference.crop.size"):
-        apply_overrides(OmegaConf.structured(Config), ["model.inference.crop.size", "3"])
+        apply_overrides(dense_clip_default(), ["model.inference.crop.size", "3"])
 
 
 def test_overrides_as_one_string_is_an_error() -> None:
@@ -285,12 +299,12 @@ def test_save_and_reload_round_trip(tmp_path: Path) -> None:
 
 def test_save_replaces_existing_file(tmp_path: Path) -> None:
     target = write(tmp_path / "config.yaml", "old contents\n")
-    save_config(OmegaConf.structured(Config), target)
-    assert get_config(target) == OmegaConf.structured(Config)
+    save_config(dense_clip_default(), target)
+    assert get_config(target) == dense_clip_default()
 
 
 def test_config_to_yaml_accepts_dataclass() -> None:
-    text = config_to_yaml(Config())
+    text = config_to_yaml(default_config("dense_clip", METHODS))
     assert "dense_clip:" in text and "crop: 224" in text
 
 

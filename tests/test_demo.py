@@ -49,8 +49,9 @@ class _StandInModel:
         height, width = image.shape[:2]
         classes = list(vocabulary.class_names)
         labels = (np.arange(width)[None, :] * len(classes) // width).repeat(height, axis=0)
-        logits = torch.zeros(len(classes), height, width)
-        return Prediction(labels=labels.astype(np.int64), logits=logits, classes=classes)
+        scores = torch.zeros(len(classes), height, width)
+        return Prediction(labels=labels.astype(np.int64), classes=classes, scores=scores,
+                          to_probabilities=lambda band: band)
 
 
 @pytest.fixture

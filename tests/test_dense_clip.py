@@ -8,7 +8,7 @@ import torch
 
 import ovseg
 from ovseg.errors import ConfigError, VocabularyError
-from ovseg.methods.dense_clip import labels_from_probabilities, suppress_small_classes
+from ovseg.layers.labels import labels_from_probabilities, suppress_small_classes
 
 MODES = ["vanilla", "maskclip", "sclip", "naclip"]
 
@@ -129,13 +129,13 @@ def test_bad_configuration_and_vocabulary_are_clear_errors(image):
 def test_memory_is_bounded_by_the_window_batch(image, monkeypatch):
     model = tiny_model("model.inference.window_batch", "2")
     seen = []
-    original = model.window_cosine
+    original = model.window_features
 
-    def spy(windows, text):
+    def spy(windows):
         seen.append(windows.shape[0])
-        return original(windows, text)
+        return original(windows)
 
-    monkeypatch.setattr(model, "window_cosine", spy)
+    monkeypatch.setattr(model, "window_features", spy)
     model.predict(image, "cat, dog")
     assert max(seen) <= 2 and sum(seen) > 2
 

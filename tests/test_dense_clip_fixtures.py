@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovseg.config.schema import DenseClipConfig, InferenceConfig, PamrConfig
+from ovseg.config.schema import ClipConfig, DinoConfig, InferenceConfig
 from ovseg.encoders.clip import TINY_CLIP, build_clip
-from ovseg.methods.dense_clip import DenseClip
+from ovseg.encoders.dino import build_dino
+from ovseg.layers.attention import LAST_BLOCK_VARIANTS
+from ovseg.methods.dense_clip import DenseClip, DenseClipConfig, PamrConfig
 from ovseg.text import Vocabulary
 from tests.helpers import shared_fixture_dir
 
@@ -29,7 +31,7 @@ def outputs():
 
 @pytest.fixture(scope="module")
 def clip():
-    return build_clip(TINY_CLIP, str(FIXTURE / "weights_clip.pt"))
+    return build_clip(ClipConfig(arch=TINY_CLIP, weights=str(FIXTURE / "weights_clip.pt")))
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,19 @@ def cosine_map(features: torch.Tensor, grid, text: torch.Tensor) -> torch.Tensor
     return cosine.transpose(1, 2).reshape(1, -1, *grid)
 
 
+def last_block(clip, x: torch.Tensor, mode: str, **options):
+    """CLIP's intermediates of ``x``, the last block as ``mode``: (intermediates, last-block
+    output before ln_post, patch features after proj (B, N, D), grid)."""
+    out = clip(x)
+    tokens, grid = LAST_BLOCK_VARIANTS[mode](out, clip, **options)
+    return out, tokens, clip.project(tokens)[:, -grid[0] * grid[1]:], grid
+
+
+def dino_from_fixture(patch: int):
+    weights = str(FIXTURE / f"weights_dino_p{patch}.pt")
+    return build_dino(DinoConfig(arch=f"tiny-p{patch}", weights=weights))
+
+
 def assert_close(ours: torch.Tensor, reference: torch.Tensor, what: str) -> None:
     assert ours.shape == reference.shape, what
     difference = (ours - reference).abs().max().item()
@@ -55,9 +70,10 @@ def assert_close(ours: torch.Tensor, reference: torch.Tensor, what: str) -> None
 def test_csa_and_naclip_last_block_match_reference(clip, inputs, outputs, mode, case):
     reference = outputs[mode][case]
     clip.pos_embed_resize = "offset"
-    out = clip(inputs[f"x_{case}"], mode)
-    cosine = cosine_map(out.features, out.grid, inputs["text"])
-    assert_close(out.last_block_output, reference["last_out"], f"{mode} {case} last_out")
+    options = {"sigma": 5.0} if mode == "naclip" else {}
+    out, last_out, features, grid = last_block(clip, inputs[f"x_{case}"], mode, **options)
+    cosine = cosine_map(features, grid, inputs["text"])
+    assert_close(last_out, reference["last_out"], f"{mode} {case} last_out")
     assert_close(cosine, reference["logits"], f"{mode} {case} logits")
     if "x_in_last" in reference:
         assert_close(out.last_block_input, reference["x_in_last"], f"{mode} {case} x_in_last")
@@ -75,7 +91,7 @@ def test_sclip_positional_embedding_matches_reference(clip, outputs):
 
 
 def test_naclip_gaussian_matches_reference(outputs):
-    from ovseg.encoders.clip import gaussian_window_bias
+    from ovseg.layers.attention import gaussian_window_bias
 
     ours = gaussian_window_bias((14, 21), sigma=5.0)
     assert_close(ours[None], outputs["naclip"]["r224x336"]["gauss_addition"], "gauss")
@@ -86,12 +102,12 @@ def test_maskclip_matches_reference(clip, inputs, outputs, case):
     reference = outputs["maskclip"][case]
     clip.pos_embed_resize = "size"  # MaskCLIP as ported in CLIP-DINOiser resizes by size
     try:
-        out = clip(inputs[f"x_{case}"], "maskclip")
+        _, _, features, grid = last_block(clip, inputs[f"x_{case}"], "maskclip")
     finally:
         clip.pos_embed_resize = "offset"
-    feat = out.features.transpose(1, 2).reshape(1, -1, *out.grid)
+    feat = features.transpose(1, 2).reshape(1, -1, *grid)
     assert_close(feat, reference["feat"], f"maskclip {case} feat")
-    assert_close(cosine_map(out.features, out.grid, inputs["text"]), reference["logits"],
+    assert_close(cosine_map(features, grid, inputs["text"]), reference["logits"],
                  f"maskclip {case} logits")
 
 
@@ -127,16 +143,12 @@ def check_slide(segmentor, inputs, reference, vocabulary, what):
 
 @pytest.fixture(scope="module")
 def dino_p8():
-    from ovseg.encoders.dino import build_dino
-
-    return build_dino("tiny-p8", str(FIXTURE / "weights_dino_p8.pt"))
+    return dino_from_fixture(8)
 
 
 @pytest.mark.parametrize("patch", [8, 16])
 def test_proxyclip_matches_reference(clip, inputs, outputs, patch):
-    from ovseg.encoders.dino import build_dino
-
-    dino = build_dino(f"tiny-p{patch}", str(FIXTURE / f"weights_dino_p{patch}.pt"))
+    dino = dino_from_fixture(patch)
     reference = outputs[f"proxyclip_p{patch}"]["s336"]
     segmentor = make_segmentor(clip, dino, mode="proxy")
     x = inputs["x_s336"]
@@ -144,14 +156,16 @@ def test_proxyclip_matches_reference(clip, inputs, outputs, patch):
         tokens, grid = segmentor.proxy_features(x)
         proxy = tokens.transpose(1, 2).reshape(1, -1, *grid)
         assert_close(proxy, reference["ex_feats"], f"proxy p{patch} ex_feats")
-        out = clip(x, "proxy", proxy_tokens=tokens, proxy_grid=grid)
+        _, last_out, features, out_grid = last_block(
+            clip, x, "proxy", proxy_tokens=tokens, proxy_grid=grid, gamma=3.0, beta=1.2
+        )
         tied = threshold_tie_rows(tokens)
         assert len(tied) <= 2, "more ties at the S' < 0 threshold than float rounding explains"
-        kept = torch.ones(out.last_block_output.shape[1], dtype=torch.bool)
+        kept = torch.ones(last_out.shape[1], dtype=torch.bool)
         kept[tied] = False
-        assert_close(out.last_block_output[:, kept], reference["last_out"][:, kept],
+        assert_close(last_out[:, kept], reference["last_out"][:, kept],
                      f"proxy p{patch} last_out")
-        cosine = cosine_map(out.features, out.grid, inputs["text"])
+        cosine = cosine_map(features, out_grid, inputs["text"])
         assert_close(cosine.flatten(2)[..., kept], reference["logits"].flatten(2)[..., kept],
                      f"proxy p{patch} logits")
         cosine = segmentor.window_cosine(x, inputs["text"])

@@ -11,13 +11,16 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from ovseg.encoders.clip import OPENAI_MEAN, OPENAI_STD
+from ovseg.config.schema import DinoConfig
 from ovseg.encoders.dino import DinoEncoder, _adapt_checkpoint, build_dino
 from ovseg.encoders.weights import save_state_dict_file
 from ovseg.errors import ConfigError, WeightsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# OpenAI CLIP mean/std on the 0-1 scale: ProxyCLIP un-normalises its crop with these
+
+
+def make_dino(arch: str, weights: str = "random") -> DinoEncoder:
+    return build_dino(DinoConfig(arch=arch, weights=weights))
 
 
 def dense_clip_fixtures() -> Path:
@@ -32,7 +35,7 @@ def dense_clip_fixtures() -> Path:
 @pytest.fixture(scope="module")
 def tiny_p8() -> DinoEncoder:
     torch.manual_seed(0)
-    return build_dino("tiny-p8", "random")
+    return make_dino("tiny-p8", "random")
 
 
 @pytest.mark.parametrize("patch", [8, 16])
@@ -41,10 +44,10 @@ def test_proxy_features_match_proxyclip_fixture(patch: int) -> None:
     inputs = torch.load(fixtures / "inputs.pt", weights_only=True)
     outputs = torch.load(fixtures / "outputs.pt", weights_only=True)
     reference = outputs[f"proxyclip_p{patch}"]["s336"]["ex_feats"]  # (1, 64, I, J)
-    encoder = build_dino(f"tiny-p{patch}", str(fixtures / f"weights_dino_p{patch}.pt"))
+    encoder = make_dino(f"tiny-p{patch}", str(fixtures / f"weights_dino_p{patch}.pt"))
 
     # ProxyCLIP's DINO input: the CLIP-normalised crop, un-normalised, ImageNet-normalised
-    x = encoder.renormalize(inputs["x_s336"], OPENAI_MEAN, OPENAI_STD)
+    x = encoder.from_clip_normalized(inputs["x_s336"])
     with torch.no_grad():
         features = encoder(x)
     assert features.grid == (336 // patch, 336 // patch)
@@ -102,7 +105,7 @@ def test_forward_equals_timm_at_training_size(tiny_p8: DinoEncoder) -> None:
 def test_any_input_size_floors_the_grid(tiny_p8: DinoEncoder) -> None:
     x = torch.randn(1, 3, 100, 130)
     with torch.no_grad():
-        features = tiny_p8(x)
+        features = tiny_p8(x, last_qkv=True)
     assert features.grid == (12, 16)
     assert features.tokens.shape == (1, 12 * 16, 64)
     assert features.dense().shape == (1, 64, 12, 16)
@@ -114,7 +117,7 @@ def test_last_block_qkv_recompute_the_block(tiny_p8: DinoEncoder) -> None:
     torch.manual_seed(2)
     x = torch.randn(2, 3, 96, 120)
     with torch.no_grad():
-        features = tiny_p8(x)
+        features = tiny_p8(x, last_qkv=True)
     block = tiny_p8.model.blocks[-1]
     tokens = features.last_block_input
     b, t, c = tokens.shape
@@ -134,6 +137,45 @@ def test_last_block_qkv_recompute_the_block(tiny_p8: DinoEncoder) -> None:
     assert torch.allclose(out[:, 0], features.cls_token, atol=1e-5)
 
 
+def count_calls(module: torch.nn.Module) -> list[int]:
+    """A one-element list counting the forwards of ``module`` (a test-only forward hook)."""
+    calls = [0]
+
+    def hook(*_: object) -> None:
+        calls[0] += 1
+
+    module.register_forward_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_last_block_qkv_only_when_asked_and_computed_once(fused: bool) -> None:
+    torch.manual_seed(6)
+    encoder = make_dino("tiny-p8")
+    encoder.model.blocks[-1].attn.fused_attn = fused  # timm's two attention paths
+    calls = count_calls(encoder.model.blocks[-1].attn.qkv)
+    x = torch.randn(2, 3, 64, 72)
+    with torch.no_grad():
+        plain = encoder(x)
+        assert calls[0] == 1  # the block's own forward, nothing kept or computed beside it
+        assert plain.q is None and plain.k is None and plain.v is None
+        assert plain.last_block_input is None
+        asked = encoder(x, last_qkv=True)
+        assert calls[0] == 2  # one more forward: q/k/v come from the block's own computation
+    assert asked.q is not None and asked.q.shape == (2, 4, 1 + 8 * 9, 16)
+    assert torch.allclose(asked.tokens, plain.tokens, atol=1e-6)
+    assert torch.allclose(asked.cls_token, plain.cls_token, atol=1e-6)
+
+
+def test_from_clip_normalized_is_proxyclips_renormalisation(tiny_p8: DinoEncoder) -> None:
+    clip_mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    clip_std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    pixels = torch.rand(1, 3, 4, 5)
+    x = (pixels - clip_mean) / clip_std
+    expected = (pixels - tiny_p8.mean.view(1, 3, 1, 1)) / tiny_p8.std.view(1, 3, 1, 1)
+    assert torch.allclose(tiny_p8.from_clip_normalized(x), expected, atol=1e-5)
+
+
 def test_normalize_uint8_images(tiny_p8: DinoEncoder) -> None:
     images = torch.full((3, 4, 5), 255, dtype=torch.uint8)
     x = tiny_p8.normalize(images)
@@ -151,10 +193,10 @@ def test_frozen(tiny_p8: DinoEncoder) -> None:
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_weights_round_trip(tmp_path: Path, suffix: str) -> None:
     torch.manual_seed(3)
-    original = build_dino("tiny-p16", "random")
+    original = make_dino("tiny-p16", "random")
     path = tmp_path / f"dino{suffix}"
     save_state_dict_file(original.model.state_dict(), path)
-    loaded = build_dino("tiny-p16", str(path))
+    loaded = make_dino("tiny-p16", str(path))
     x = torch.randn(1, 3, 64, 80)
     with torch.no_grad():
         assert torch.equal(original(x).tokens, loaded(x).tokens)
@@ -166,16 +208,16 @@ def test_checkpoint_head_keys_are_dropped(tmp_path: Path, tiny_p8: DinoEncoder) 
     state["head.bias"] = torch.zeros(10)
     path = tmp_path / "with_head.pth"
     save_state_dict_file(state, path)
-    loaded = build_dino("tiny-p8", str(path))
+    loaded = make_dino("tiny-p8", str(path))
     assert torch.equal(loaded.model.pos_embed, tiny_p8.model.pos_embed)
 
 
 def test_wrong_architecture_file_names_the_file(tmp_path: Path) -> None:
-    p16 = build_dino("tiny-p16", "random")
+    p16 = make_dino("tiny-p16", "random")
     path = tmp_path / "p16.pt"
     save_state_dict_file(p16.model.state_dict(), path)
     with pytest.raises(WeightsError, match="p16.pt") as info:
-        build_dino("tiny-p8", str(path))
+        make_dino("tiny-p8", str(path))
     assert "tiny-p8" in str(info.value) and "patch_embed.proj.weight" in str(info.value)
 
     state = p16.model.state_dict()
@@ -183,10 +225,10 @@ def test_wrong_architecture_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "missing.safetensors"
     save_state_dict_file(state, path)
     with pytest.raises(WeightsError, match="missing.safetensors.*norm.weight"):
-        build_dino("tiny-p16", str(path))
+        make_dino("tiny-p16", str(path))
 
     with pytest.raises(WeightsError, match="nowhere.pth"):
-        build_dino("tiny-p16", str(tmp_path / "nowhere.pth"))
+        make_dino("tiny-p16", str(tmp_path / "nowhere.pth"))
 
 
 def test_download_failure_is_a_weights_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,19 +237,19 @@ def test_download_failure_is_a_weights_error(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(WeightsError, match="model.dino.weights") as info:
-        build_dino("vit_base_patch8_224.dino", "timm")
+        make_dino("vit_base_patch8_224.dino", "timm")
     assert "vit_base_patch8_224.dino" in str(info.value) and "no network" in str(info.value)
     with pytest.raises(WeightsError, match="vit_base_patch8_224.dino"):
-        build_dino("vit_base_patch8_224", "dino")  # a tag is appended to an untagged arch
+        make_dino("vit_base_patch8_224", "dino")  # a tag is appended to an untagged arch
     with pytest.raises(WeightsError, match="conflicts|already names"):
-        build_dino("vit_base_patch8_224.dino", "augreg_in21k")
+        make_dino("vit_base_patch8_224.dino", "augreg_in21k")
     with pytest.raises(WeightsError, match="test model"):
-        build_dino("tiny-p8", "timm")
+        make_dino("tiny-p8", "timm")
 
 
 def test_unknown_arch() -> None:
     with pytest.raises(ConfigError, match="vit_nonexistent"):
-        build_dino("vit_nonexistent", "random")
+        make_dino("vit_nonexistent", "random")
 
 
 def _tiny_dinov2_reg() -> DinoEncoder:
@@ -229,7 +271,7 @@ def test_register_tokens_and_layer_scale() -> None:
     assert encoder.num_prefix_tokens == 5 and encoder.patch_size == 14
     x = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
-        features = encoder(x)
+        features = encoder(x, last_qkv=True)
         reference = encoder.model.forward_features(x)
         other_size = encoder(torch.randn(1, 3, 70, 100))
     assert features.num_prefix_tokens == 5
@@ -257,6 +299,6 @@ def test_dinov2_checkpoint_layout_is_converted() -> None:
 
 
 def test_random_weights_are_reproducible():
-    first = build_dino("tiny-p16", "random").state_dict()
-    second = build_dino("tiny-p16", "random").state_dict()
+    first = make_dino("tiny-p16", "random").state_dict()
+    second = make_dino("tiny-p16", "random").state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -1,5 +1,6 @@
 """Tests of the SAM encoder: last global attention in chunks against segment_anything's own
-Attention, prompt decoding, preprocessing, weights loading (tiny SAM; real sizes are slow)."""
+Attention, the one-pass forward, prompt decoding, preprocessing, sizes from config (named and
+custom), weights loading (tiny SAM; real sizes are slow)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,36 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
+from ovseg.config.schema import SamConfig
 from ovseg.encoders.sam import (
+    SAM_SIZES,
     SamEncoder,
     SamFeatures,
     attention_in_chunks,
     attention_rows,
     build_sam,
+    sam_size_from_config,
 )
 from ovseg.encoders.weights import save_state_dict_file
 from ovseg.errors import ConfigError, WeightsError
 
 
-def _randomized_tiny() -> SamEncoder:
-    """The tiny SAM with random (non-zero) positional and relative-position parameters, which
-    SAM initialises to zero."""
-    encoder = build_sam("tiny", "random")
+def make_sam(arch: str, weights: str = "random", **sizes) -> SamEncoder:
+    return build_sam(SamConfig(arch=arch, weights=weights, **sizes))
+
+
+def _randomize_positions(encoder: SamEncoder) -> SamEncoder:
+    """Random (non-zero) positional and relative-position parameters, which SAM initialises to
+    zero."""
     with torch.no_grad():
         for name, param in encoder.sam.named_parameters():
             if "rel_pos" in name or name.endswith("pos_embed"):
                 param.copy_(torch.randn_like(param) * 0.5)
     return encoder
+
+
+def _randomized_tiny() -> SamEncoder:
+    return _randomize_positions(make_sam("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +96,55 @@ def test_forward_shapes_and_embedding(
         assert torch.allclose(features.embedding, tiny.sam.image_encoder(x), atol=1e-6)
     with pytest.raises(ValueError, match="256"):
         tiny(torch.zeros(1, 3, 128, 128))
+
+
+def _reference_qkv(tiny: SamEncoder, features: SamFeatures):
+    """q, k, v and rel-pos terms of the last global block, recomputed from its input with
+    segment_anything's own pieces (the computation the encoder used to repeat)."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    attn = tiny.sam.image_encoder.blocks[features.last_global_index].attn
+    x = features.last_global_input
+    b, h, w, _ = x.shape
+    block = tiny.sam.image_encoder.blocks[features.last_global_index]
+    qkv = attn.qkv(block.norm1(x)).reshape(b, h * w, 3, attn.num_heads, -1)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    r_q = q.reshape(b * attn.num_heads, h, w, -1)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, attn.rel_pos_h))
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, attn.rel_pos_w))
+    return q, k, v, rel_h.reshape(b, -1, h * w, h), rel_w.reshape(b, -1, h * w, w)
+
+
+@pytest.mark.parametrize("chunk_rows", [1024, 48])
+def test_one_forward_equals_segment_anything_and_computes_qkv_once(
+    tiny: SamEncoder, image: np.ndarray, chunk_rows: int
+) -> None:
+    x, input_size = tiny.preprocess(image)
+    block = tiny.sam.image_encoder.blocks[tiny.last_global_index]
+    calls = [0]
+
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    handle = block.attn.qkv.register_forward_hook(count)  # test-only: counts the Linear's calls
+    tiny.attention_chunk_rows = chunk_rows
+    try:
+        with torch.no_grad():
+            features = tiny(x, input_size)
+            assert calls[0] == 1
+            tiny(x, input_size)
+            assert calls[0] == 2  # once per forward
+            expected = tiny.sam.image_encoder(x)
+            reference = _reference_qkv(tiny, features)
+    finally:
+        handle.remove()
+        tiny.attention_chunk_rows = 1024
+    scale = expected.abs().max()
+    assert (features.embedding - expected).abs().max() <= 1e-5 * scale
+    ours = (features.last_global_q, features.last_global_k, features.last_global_v,
+            features.rel_h, features.rel_w)
+    for name, got, want in zip(("q", "k", "v", "rel_h", "rel_w"), ours, reference, strict=True):
+        assert torch.allclose(got, want, atol=1e-6), name
 
 
 def _reference_attention(tiny: SamEncoder, features: SamFeatures) -> torch.Tensor:
@@ -186,7 +246,7 @@ def test_weights_round_trip(tmp_path: Path, suffix: str, image: np.ndarray) -> N
     original = _randomized_tiny()
     path = tmp_path / f"sam_tiny{suffix}"
     save_state_dict_file(original.sam.state_dict(), path)
-    loaded = build_sam("tiny", str(path))
+    loaded = make_sam("tiny", str(path))
     x, size = original.preprocess(image)
     with torch.no_grad():
         a, b = original(x, size), loaded(x, size)
@@ -197,30 +257,30 @@ def test_weights_round_trip(tmp_path: Path, suffix: str, image: np.ndarray) -> N
 
 def test_missing_or_wrong_checkpoint(tmp_path: Path, tiny: SamEncoder) -> None:
     with pytest.raises(WeightsError, match="sam_vit_b_01ec64.pth"):
-        build_sam("tiny", str(tmp_path / "sam_vit_b_01ec64.pth"))
+        make_sam("tiny", str(tmp_path / "sam_vit_b_01ec64.pth"))
     state = dict(tiny.sam.state_dict())
     del state["mask_decoder.iou_token.weight"]
     path = tmp_path / "broken.pth"
     save_state_dict_file(state, path)
     with pytest.raises(WeightsError, match="broken.pth.*SAM tiny.*iou_token"):
-        build_sam("tiny", str(path))
+        make_sam("tiny", str(path))
 
 
 @pytest.mark.parametrize("spec", ["", "   ", "sam"])
 def test_real_sizes_need_a_checkpoint(spec: str) -> None:
     with pytest.raises(WeightsError, match="model.sam.weights") as info:
-        build_sam("vit_b", spec)
+        make_sam("vit_b", spec)
     assert "sam_vit_b_01ec64.pth" in str(info.value)
 
 
 def test_unknown_arch() -> None:
     with pytest.raises(ConfigError, match="vit_s"):
-        build_sam("vit_s", "random")
+        make_sam("vit_s", "random")
 
 
 @pytest.mark.slow
 def test_vit_b_builds() -> None:
-    encoder = build_sam("vit_b", "random")
+    encoder = make_sam("vit_b", "random")
     assert encoder.img_size == 1024 and encoder.grid == (64, 64)
     assert encoder.last_global_index == 11 and encoder.num_heads == 12 and encoder.out_chans == 256
 
@@ -229,7 +289,68 @@ def test_random_weights_are_reproducible_and_leave_the_global_rng_alone():
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
-    first = build_sam("tiny", "random").state_dict()
+    first = make_sam("tiny", "random").state_dict()
     assert torch.equal(torch.rand(1), expected_next)
-    second = build_sam("tiny", "random").state_dict()
+    second = make_sam("tiny", "random").state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+# A custom size: a SAM no release has (3 blocks, 2 of them global, input 128, window 2).
+CUSTOM = dict(
+    embed_dim=48, depth=3, num_heads=3, global_attn_indexes=[0, 2], img_size=128, patch_size=16,
+    window_size=2, prompt_embed_dim=24, mask_in_chans=4, decoder_depth=1, decoder_mlp_dim=32,
+    decoder_heads=2, iou_head_hidden_dim=16,
+)
+
+
+def test_custom_size_from_config_builds() -> None:
+    encoder = make_sam("custom", **CUSTOM)
+    image_encoder = encoder.sam.image_encoder
+    assert encoder.img_size == 128 and encoder.patch_size == 16 and encoder.grid == (8, 8)
+    assert len(image_encoder.blocks) == 3 and encoder.last_global_index == 2
+    assert [b.window_size for b in image_encoder.blocks] == [0, 2, 0]
+    assert encoder.num_heads == 3 and encoder.out_chans == 24
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = encoder(x)
+        assert torch.allclose(features.embedding, image_encoder(x), atol=1e-5)
+    assert features.last_global_q.shape == (1, 3, 64, 16)
+    # an OmegaConf node of the section works the same (what the method helpers pass)
+    from omegaconf import OmegaConf
+
+    section = SamConfig(arch="custom", weights="random", **CUSTOM)
+    node = OmegaConf.structured(section)
+    assert sam_size_from_config(node) == sam_size_from_config(section)
+
+
+def test_custom_size_takes_vit_b_for_unset_fields_and_named_sizes_take_none() -> None:
+    size = sam_size_from_config(SamConfig(arch="custom", depth=4, global_attn_indexes=[3]))
+    assert size.depth == 4 and size.global_attn_indexes == (3,)
+    assert size.embed_dim == SAM_SIZES["vit_b"].embed_dim and size.img_size == 1024
+    with pytest.raises(ConfigError, match="model.sam.depth.*custom"):
+        sam_size_from_config(SamConfig(arch="vit_b", depth=4))
+    with pytest.raises(ConfigError, match="global_attn_indexes"):
+        sam_size_from_config(SamConfig(arch="custom", depth=4))  # vit_b's 5, 8, 11 >= 4
+    with pytest.raises(ConfigError, match="img_size"):
+        sam_size_from_config(SamConfig(arch="custom", img_size=1000))
+    with pytest.raises(WeightsError, match="model.sam.weights"):
+        make_sam("custom", "", **CUSTOM)  # random weights must be asked for
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_custom_size_weights_round_trip(tmp_path: Path, suffix: str) -> None:
+    source = make_sam("custom", **CUSTOM)
+    generator = torch.Generator().manual_seed(2)
+    state = {
+        key: torch.randn(value.shape, generator=generator) if value.is_floating_point() else value
+        for key, value in source.sam.state_dict().items()
+    }
+    path = tmp_path / f"sam_custom{suffix}"
+    save_state_dict_file(state, path)
+    loaded = make_sam("custom", str(path), **CUSTOM)
+    for key, value in loaded.sam.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert "image_encoder.blocks.2.attn.rel_pos_h" in state  # the real key names
+    other = dict(CUSTOM, embed_dim=96)
+    with pytest.raises(WeightsError, match=f"sam_custom{suffix}"):
+        make_sam("custom", str(path), **other)

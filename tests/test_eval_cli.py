@@ -7,7 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
+from ovseg.engine.evaluate import weights_protocol
+from ovseg.io import sha256_file
 from tests.fixtures.builders import build_voc
 from tests.helpers import REPO_ROOT
 
@@ -58,3 +61,17 @@ def test_save_predictions_writes_label_pngs(voc_root, tmp_path):
     run_eval("configs/tiny/dense_clip_tiny.yaml", voc_root, tmp_path / "out",
              "--save-predictions")
     assert len(list((tmp_path / "out" / "voc_21" / "predictions").glob("*.png"))) == 3
+
+
+def test_weights_protocol_hashes_local_files_of_the_encoder_sections_there_are(tmp_path):
+    weights = tmp_path / "clip.safetensors"
+    weights.write_bytes(b"not really weights")
+    cfg = OmegaConf.create({"model": {
+        "name": "trident",
+        "clip": {"arch": "ViT-B-16", "weights": str(weights)},
+        "dino": {"arch": "vit_base_patch16_224.dino", "weights": "timm"},
+    }})
+    assert weights_protocol(cfg) == {
+        "clip": {"arch": "ViT-B-16", "weights": str(weights), "sha256": sha256_file(weights)},
+        "dino": {"arch": "vit_base_patch16_224.dino", "weights": "timm"},
+    }

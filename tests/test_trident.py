@@ -10,23 +10,24 @@ import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 import ovseg
-from ovseg.config.trident_schema import TridentConfig
 from ovseg.encoders import sam as sam_module
-from ovseg.encoders.clip import OPENAI_MEAN, OPENAI_STD
 from ovseg.encoders.sam import SamFeatures, attention_rows
 from ovseg.errors import ConfigError
 from ovseg.layers import cut_windows, stitch_windows
 from ovseg.layers.components import connected_components
 from ovseg.layers.sam_prompts import longest_side_shape, mask_prompt
 from ovseg.methods import trident as tr
+from ovseg.methods.trident import TridentConfig
 from ovseg.text import Vocabulary
 from tests.fixtures.builders import build_voc
 
@@ -122,7 +123,7 @@ def test_windows_cut_from_a_map_splice_back_exactly():
 def direct_proxy_outputs(clip, dino, x, windows, gamma, beta):
     """All windows at once: m = mean of S over every window, A, out_proj(A v)."""
     crops = cut_windows(x, windows)
-    tokens = F.normalize(dino(dino.renormalize(crops, OPENAI_MEAN, OPENAI_STD)).tokens, dim=-1)
+    tokens = F.normalize(dino(dino.from_clip_normalized(crops)).tokens, dim=-1)
     similarity = tokens @ tokens.transpose(1, 2)
     logits = gamma * (similarity - beta * similarity.mean())
     attention = logits.masked_fill(logits < 0, float("-inf")).softmax(-1)
@@ -130,7 +131,8 @@ def direct_proxy_outputs(clip, dino, x, windows, gamma, beta):
     for block in clip.model.visual.transformer.resblocks[:-1]:
         hidden = block(hidden)
     _, _, v = clip.last_block_qkv(hidden)
-    out = clip._merge_heads(attention[:, None] @ v[:, :, 1:])  # same 16-px grid for both
+    # out_proj without layer scale; the same 16-px grid for both
+    out = clip.attention_output(attention[:, None] @ v[:, :, 1:], layer_scale=False)
     return out.transpose(1, 2).reshape(len(windows), -1, *grid), similarity
 
 
@@ -527,7 +529,7 @@ def test_predict_on_a_non_square_image(image, refine, monkeypatch):
 def test_predict_with_a_side_under_the_crop(size):
     # short side 48 < crop 64: (48, 80) stays as it is (multiples of 16, one 48-px window row);
     # (50, 70) -> (48, 67) -> (64, 80)
-    model = tiny_model("model.trident.short_side", "48")
+    model = tiny_model("model.inference.short_side", "48")
     picture = np.random.default_rng(1).integers(0, 256, size=(*size, 3), dtype=np.uint8)
     result = model.predict(picture, ["cat", "dog"])
     assert result.labels.shape == size and result.logits.shape == (2, *size)
@@ -551,7 +553,7 @@ def test_predict_with_cityscapes_halves(width, monkeypatch):
 
 
 def test_windows_go_through_clip_and_dino_in_window_batches(monkeypatch):
-    model = tiny_model("model.trident.window_batch", "2", "model.trident.refine", "false")
+    model = tiny_model("model.inference.window_batch", "2", "model.trident.refine", "false")
     batches = []
     original = model.clip.forward
 
@@ -572,8 +574,8 @@ def test_synonyms_of_every_class_take_the_max(image):
 
 
 def test_bad_settings_are_config_errors():
-    with pytest.raises(ConfigError, match="model.trident.stride"):
-        tiny_model("model.trident.stride", "40")
+    with pytest.raises(ConfigError, match="model.inference.stride"):
+        tiny_model("model.inference.stride", "40")
     with pytest.raises(ConfigError, match="compat"):
         tiny_model("model.trident.compat", "mmseg")
 
@@ -595,7 +597,9 @@ BENCHMARKS = {  # short side, stride, cos_fac, prob_thd, coarse_thresh, refine_n
 def test_benchmark_configs_follow_the_spec(name):
     for suffix, arch in (("", "ViT-B-16"), ("_vith14", "ViT-H-14")):
         cfg = ovseg.get_config(f"trident/{name}{suffix}.yaml")
-        t = cfg.model.trident
+        # steps 0-1 live in model.inference, the rest in model.trident
+        t = SimpleNamespace(**OmegaConf.to_container(cfg.model.inference),
+                            **OmegaConf.to_container(cfg.model.trident))
         assert (t.short_side, t.stride, t.cos_fac, t.prob_thd, t.coarse_thresh,
                 t.refine_neg_cos) == BENCHMARKS[name]
         assert t.cityscapes_halves == (name == "cityscapes_19")

@@ -24,7 +24,6 @@ import copy
 import difflib
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import is_dataclass
 from pathlib import Path
@@ -34,10 +33,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ovseg.config.schema import Config
+from ovseg.config.method import Method, default_config, section_owners
+from ovseg.config.schema import Config, ModelConfig
 from ovseg.errors import ConfigError
 
-__all__ = ["apply_overrides", "config_to_yaml", "configs_dir", "get_config", "save_config"]
+__all__ = [
+    "apply_overrides", "config_to_yaml", "configs_dir", "get_config", "save_config",
+    "structured_default",
+]
 
 BASE_KEY = "_base_"
 COMMAND_LINE = "command line"
@@ -117,11 +120,8 @@ def configs_dir() -> Path:
     env = os.environ.get("OVSEG_CONFIGS")
     if env:
         return Path(env).expanduser()
-    import ovseg  # here, not at the top: ovseg/__init__.py imports this module
-
-    # ovseg may be a namespace package (no __init__.py), which has no __file__ but a __path__.
-    package_dir = Path(ovseg.__file__).parent if ovseg.__file__ else Path(list(ovseg.__path__)[0])
-    return package_dir.resolve().parent / "configs"
+    # this file is <repo>/ovseg/config/loader.py (no import of the package above this layer)
+    return Path(__file__).resolve().parents[2] / "configs"
 
 
 def _display(path: Path) -> str:
@@ -236,13 +236,40 @@ def _has_fixed_keys(node: DictConfig) -> bool:
     return is_dataclass(OmegaConf.get_type(node))
 
 
+def _first_leaf(key: str, value: Any) -> str:
+    """The dotted key of the first value below `key` (`model.dense_clip.mode` for a section)."""
+    while isinstance(value, Mapping) and value:
+        inner = next(iter(value))
+        key, value = f"{key}.{inner}", value[inner]
+    return key
+
+
+def _unread_section(
+    root: DictConfig, key: str, value: Any, source: str, owners: Mapping[str, list[str]]
+) -> ConfigError:
+    """The error for `model.<key>`, a section that the config's method does not read."""
+    method = root.model.name
+    reads = [f"model.{k}" for k in root.model.keys() if isinstance(root.model.get(k), DictConfig)]
+    whose = f" (model.{key} is read by {', '.join(owners[key])})" if owners[key] else ""
+    return ConfigError(
+        f"{source}: '{_first_leaf('model.' + key, value)}' is not read by method '{method}'"
+        f"{whose}; {method} reads {', '.join(reads) or 'no model sections'}"
+    )
+
+
 def _check_keys(
-    root: DictConfig, node: DictConfig, data: Mapping[Any, Any], prefix: str, source: str
+    root: DictConfig,
+    node: DictConfig,
+    data: Mapping[Any, Any],
+    prefix: str,
+    source: str,
+    owners: Mapping[str, list[str]],
 ) -> None:
     """Raise a ConfigError for the first key of `data` that `node` does not have.
 
     OmegaConf's own merge errors lack the file and, for a scalar given where a section is
-    expected, the key; checking first makes every message name both.
+    expected, the key; checking first makes every message name both. A section of `cfg.model`
+    that another method reads (`owners`) is named as such, with the method that is selected.
     """
     for key, value in data.items():
         if not isinstance(key, str) or not key:
@@ -250,6 +277,8 @@ def _check_keys(
             raise ConfigError(f"{source}: keys must be non-empty strings, got {key!r} in {section}")
         full = prefix + key
         if key not in node:
+            if prefix == "model." and key in owners:
+                raise _unread_section(root, key, value, source, owners)
             if _has_fixed_keys(node):
                 hint = _suggest(root, node, prefix, key)
                 raise ConfigError(f"{source}: unknown key '{full}'{hint}")
@@ -257,7 +286,7 @@ def _check_keys(
         child = OmegaConf.select(node, key, throw_on_missing=False)
         if isinstance(child, DictConfig):
             if isinstance(value, Mapping):
-                _check_keys(root, child, value, full + ".", source)
+                _check_keys(root, child, value, full + ".", source, owners)
             elif not (isinstance(value, str) and value.startswith("${")):
                 fields = ", ".join(str(k) for k in child.keys())
                 raise ConfigError(
@@ -271,9 +300,11 @@ def _check_keys(
             )
 
 
-def _merge(cfg: DictConfig, data: Mapping[str, Any], source: str) -> DictConfig:
+def _merge(
+    cfg: DictConfig, data: Mapping[str, Any], source: str, owners: Mapping[str, list[str]]
+) -> DictConfig:
     """`cfg` with `data` merged in; errors name `source` and the dotted key."""
-    _check_keys(cfg, cfg, data, "", source)
+    _check_keys(cfg, cfg, data, "", source, owners)
     try:
         merged = OmegaConf.merge(cfg, data)
     except OmegaConfBaseException as e:
@@ -286,37 +317,89 @@ def _merge(cfg: DictConfig, data: Mapping[str, Any], source: str) -> DictConfig:
     return merged
 
 
-def _default_config() -> DictConfig:
-    cfg = OmegaConf.structured(Config)
+def structured_default(name: str, methods: Mapping[str, Method] | None = None) -> DictConfig:
+    """The struct-mode default config of method `name` (see :func:`default_config`)."""
+    cfg = OmegaConf.structured(default_config(name, methods))
     OmegaConf.set_struct(cfg, True)  # unknown keys are errors, also when set from Python
     return cfg
+
+
+def _override_pairs(overrides: Sequence[str]) -> list[tuple[Any, Any]]:
+    if isinstance(overrides, str | bytes):
+        raise ConfigError(
+            f"{COMMAND_LINE}: overrides must be a list of KEY VALUE items, not one string "
+            f"({overrides!r}); split it, e.g. with shlex.split"
+        )
+    items = list(overrides)
+    if len(items) % 2:
+        raise ConfigError(
+            f"{COMMAND_LINE}: overrides must be KEY VALUE pairs, got {len(items)} items; "
+            f"key '{items[-1]}' has no value"
+        )
+    return list(zip(items[0::2], items[1::2], strict=True))
+
+
+def _method_name(files: Mapping[Path, Mapping[str, Any]], overrides: Sequence[str]) -> str:
+    """`model.name` as the files and then the overrides set it (the schema depends on it)."""
+    name: Any = ModelConfig.name
+    source = "the default"
+    for path, data in files.items():
+        model = data.get("model")
+        if isinstance(model, Mapping) and "name" in model:
+            name, source = model["name"], _display(path)
+    for key, raw in _override_pairs(overrides):
+        value = raw
+        if key == "model" and isinstance(raw, str):
+            try:
+                value = _yaml_load(raw)
+            except yaml.YAMLError:
+                continue  # apply_overrides reports it
+        if key == "model" and isinstance(value, Mapping) and "name" in value:
+            name, source = value["name"], COMMAND_LINE
+        elif key == "model.name":
+            name, source = raw, COMMAND_LINE
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{source}: model.name must be a method name, got {name!r}")
+    return name.strip()
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def get_config(path_or_name: str | os.PathLike[str], overrides: Sequence[str] = ()) -> DictConfig:
+def get_config(
+    path_or_name: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    methods: Mapping[str, Method] | None = None,
+) -> DictConfig:
     """Load a config file, its `_base_` files and `overrides` into a typed, struct-mode config.
+
+    The schema is that of the method `model.name` names (as the files, then the overrides, set
+    it): `schema.Config` whose `model` holds exactly the sections that method reads.
+    `ovseg.get_config` passes the registry of `ovseg.methods`; without `methods` the model
+    section has no method sections.
 
     Args:
         path_or_name: an existing file, or a name relative to the configs directory
             (`$OVSEG_CONFIGS`, else `<repo>/configs`), e.g. "dense_clip/maskclip_vitb16.yaml".
         overrides: trailing `KEY VALUE` pairs, e.g. ["model.inference.crop", "448"].
+        methods: method name -> :class:`ovseg.config.method.Method`.
 
     Returns:
         A DictConfig of `schema.Config`: schema defaults, then the bases, the file, overrides.
 
     Raises:
-        ConfigError: the file or a base is missing or not YAML, `_base_` files form a cycle, or
-            a key is unknown or a value has the wrong type (the message names file and key).
+        ConfigError: the file or a base is missing or not YAML, `_base_` files form a cycle, a
+            key is unknown or of a section the method does not read, the method is unknown, or
+            a value has the wrong type (the message names file and key).
     """
     path = _find_config(path_or_name)
     files: dict[Path, dict[str, Any]] = {}
     _collect_files(path, [], files)
-    cfg = _default_config()
+    cfg = structured_default(_method_name(files, overrides), methods)
+    owners = section_owners(methods)
     for file, data in files.items():
-        cfg = _merge(cfg, data, _display(file))
-    return apply_overrides(cfg, overrides)
+        cfg = _merge(cfg, data, _display(file), owners)
+    return apply_overrides(cfg, overrides, methods)
 
 
 def _parse_value(raw: Any, current: Any) -> Any:
@@ -336,31 +419,29 @@ def _parse_value(raw: Any, current: Any) -> Any:
         raise ConfigError(f"{COMMAND_LINE}: cannot read value {raw!r} as YAML: {reason}") from e
 
 
-def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+def apply_overrides(
+    cfg: DictConfig, overrides: Sequence[str], methods: Mapping[str, Method] | None = None
+) -> DictConfig:
     """A copy of `cfg` with detectron2-style `KEY VALUE` overrides applied, left to right.
 
     Keys are dotted (`model.dense_clip.mode`); values are read as YAML (`448` -> int,
     `[8,16]` -> list, `{crop: 448}` merges into a section), except that a string field takes
     the text as typed. Values that are not strings (from Python) are used as they are.
 
+    The method (``model.name``) is fixed: the config's sections are those of its method, so a
+    key of another method's section is an error naming the key and the method (``methods``,
+    the registry, lets the message say whose section it is).
+
     Raises:
-        ConfigError: an odd number of items, an unknown key or a value of the wrong type; the
-            message names the key and "command line".
+        ConfigError: an odd number of items, an unknown key, a key the method does not read,
+            a value of the wrong type, or a change of ``model.name``; the message names the key
+            and "command line".
     """
-    if isinstance(overrides, str | bytes):
-        raise ConfigError(
-            f"{COMMAND_LINE}: overrides must be a list of KEY VALUE items, not one string "
-            f"({overrides!r}); split it, e.g. with shlex.split"
-        )
-    items = list(overrides)
-    if len(items) % 2:
-        raise ConfigError(
-            f"{COMMAND_LINE}: overrides must be KEY VALUE pairs, got {len(items)} items; "
-            f"key '{items[-1]}' has no value"
-        )
+    pairs = _override_pairs(overrides)
+    owners = section_owners(methods)
     result = copy.deepcopy(cfg)
     OmegaConf.set_struct(result, True)
-    for key, raw in zip(items[0::2], items[1::2], strict=True):
+    for key, raw in pairs:
         if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"{COMMAND_LINE}: invalid override key {key!r}")
         current = OmegaConf.select(result, key, default=None, throw_on_missing=False)
@@ -368,7 +449,13 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         nested: Any = value
         for part in reversed(key.split(".")):
             nested = {part: nested}
-        result = _merge(result, nested, COMMAND_LINE)
+        result = _merge(result, nested, COMMAND_LINE, owners)
+        if result.model.name != cfg.model.name:
+            raise ConfigError(
+                f"{COMMAND_LINE}: model.name cannot change from {cfg.model.name!r} to "
+                f"{result.model.name!r} once a config is loaded (its sections are the method's); "
+                "give it with the config file, e.g. ovseg.get_config(path, ['model.name', ...])"
+            )
     return result
 
 
@@ -402,18 +489,8 @@ def save_config(
     The text goes to a temporary file in the same directory that then replaces `path`, so a
     crash never leaves a half-written config beside a checkpoint.
     """
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    from ovseg.io import atomic_write_text
+
     text = config_to_yaml(cfg, resolve=resolve)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes the file owner-only; a config is not secret
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
+    # readable by all whatever the umask: a config is not secret, and others rerun it
+    return atomic_write_text(Path(path).expanduser(), text, mode=0o644)

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ovseg.config.engine_schema import DataLoaderConfig, SolverConfig
-from ovseg.config.trident_schema import TridentConfig
 
 
 @dataclass
@@ -35,27 +34,24 @@ class DinoConfig:
 
 @dataclass
 class SamConfig:
-    arch: str = "vit_b"  # vit_b | vit_l | vit_h | tiny
+    # vit_b | vit_l | vit_h | tiny (the test size) | custom (the sizes below)
+    arch: str = "vit_b"
     weights: str = ""  # a local SAM checkpoint file, or "random"
-
-
-@dataclass
-class DenseClipConfig:
-    mode: str = "maskclip"  # vanilla | maskclip | sclip | naclip | proxy
-    logit_scale: float = 40.0
-    prob_thd: float = 0.0
-    area_thd: float = 0.0
-    # NACLIP renormalises the class probabilities to sum 1 after the max over synonyms
-    renormalize: bool = False
-    naclip_sigma: float = 5.0  # Gaussian std in patches
-    proxy_gamma: float = 3.0
-    proxy_beta: float = 1.2
-
-
-@dataclass
-class PamrConfig:
-    steps: int = 0  # 0 = off
-    dilations: list[int] = field(default_factory=lambda: [8, 16])
+    # arch custom only (an error beside a named arch): the SAM's sizes; unset = vit_b's
+    # (ovseg.encoders.sam.SamSize: input 1024, patch 16, window 14, prompt dim 256, ...)
+    embed_dim: Optional[int] = None  # noqa: UP045 (OmegaConf needs Optional)
+    depth: Optional[int] = None  # noqa: UP045
+    num_heads: Optional[int] = None  # noqa: UP045
+    global_attn_indexes: Optional[list[int]] = None  # noqa: UP045
+    img_size: Optional[int] = None  # noqa: UP045
+    patch_size: Optional[int] = None  # noqa: UP045
+    window_size: Optional[int] = None  # noqa: UP045
+    prompt_embed_dim: Optional[int] = None  # noqa: UP045
+    mask_in_chans: Optional[int] = None  # noqa: UP045
+    decoder_depth: Optional[int] = None  # noqa: UP045
+    decoder_mlp_dim: Optional[int] = None  # noqa: UP045
+    decoder_heads: Optional[int] = None  # noqa: UP045
+    iou_head_hidden_dim: Optional[int] = None  # noqa: UP045
 
 
 @dataclass
@@ -70,17 +66,23 @@ class InferenceConfig:
 
 @dataclass
 class ModelConfig:
+    """``cfg.model``: what every method has. The sections a method reads (its own settings and
+    the shared ``clip``, ``dino``, ``sam``, ``inference``) are added per method by
+    :func:`ovseg.config.method.config_class`, so a config holds only what its method reads."""
+
     name: str = "dense_clip"
     device: str = "cpu"
     # trained ovseg weights (a checkpoint's .safetensors) loaded before evaluation; "" = none
     weights: str = ""
-    clip: ClipConfig = field(default_factory=ClipConfig)
-    dino: DinoConfig = field(default_factory=DinoConfig)
-    sam: SamConfig = field(default_factory=SamConfig)
-    dense_clip: DenseClipConfig = field(default_factory=DenseClipConfig)
-    pamr: PamrConfig = field(default_factory=PamrConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    trident: TridentConfig = field(default_factory=TridentConfig)
+
+
+# the sections of cfg.model that several methods read, under one name each
+SHARED_MODEL_SECTIONS: dict[str, type] = {
+    "clip": ClipConfig,
+    "dino": DinoConfig,
+    "sam": SamConfig,
+    "inference": InferenceConfig,
+}
 
 
 @dataclass

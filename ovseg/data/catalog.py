@@ -40,7 +40,8 @@ from typing import Any, Literal
 import numpy as np
 
 from ovseg.data.image_io import read_image
-from ovseg.errors import OvsegError
+from ovseg.data.readers import read_label
+from ovseg.errors import DatasetError, OvsegError
 from ovseg.text import Vocabulary, read_vocabulary_file
 
 CLASSES_DIR = Path(__file__).resolve().parent / "classes"
@@ -59,10 +60,6 @@ SCLIP_BACKGROUND_WORDS = (
     "bed", "building", "cloud", "lamp", "door", "window", "wardrobe", "ceiling", "shelf",
     "curtain", "stair", "floor", "hill", "rail", "fence",
 )  # fmt: skip
-
-
-class DatasetError(OvsegError):
-    """A benchmark is unknown, its files are missing or a label file holds invalid values."""
 
 
 @dataclass(frozen=True)
@@ -560,9 +557,6 @@ class SemSegDataset(Sequence[dict[str, Any]]):
         return self._samples[self._index(index)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
-        # imported on use: readers imports DatasetError from this module
-        from ovseg.data.readers import read_label
-
         image_path, label_path = self.sample_paths(index)
         image = read_image(image_path)
         label = read_label(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ovseg.data.catalog import DatasetError
+from ovseg.errors import DatasetError
 
 LABEL_MAPPINGS = ("none", "reduce_zero_label", "shift_up_background")
 

@@ -1,7 +1,10 @@
-"""Frozen open_clip ViT with the dense last-block modes of MaskCLIP, SCLIP, NACLIP and ProxyCLIP.
+"""Frozen open_clip CLIP: the image side's last-block intermediates at any input size, text side.
 
-Only the last residual block changes between modes (see ``specs/dense_clip.md``); every earlier
-block runs as open_clip wrote it. The image side accepts any input size: the positional
+``ClipEncoder.forward`` runs every block but the last as open_clip wrote it and returns what the
+dense methods need of the last one (its input, its q/k/v) plus the image embedding, timm-style:
+asked for, not computed and dropped. The last-block variants of MaskCLIP, SCLIP, NACLIP and
+ProxyCLIP live in :mod:`ovseg.layers.attention` and reuse the block's pieces through
+:meth:`ClipEncoder.attention_output` and :meth:`ClipEncoder.feed_forward`. The positional
 embedding is interpolated to the patch grid. The text side turns prompts into embeddings.
 """
 
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,44 +28,44 @@ from ovseg.encoders.weights import (
     parse_weights_spec,
     seeded_init,
 )
+from ovseg.layers.attention import scaled_softmax
 
 # OpenAI checkpoints carry these scalars beside the weights; open_clip's models have no such keys
 _OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
-CLIP_MODES = ("vanilla", "maskclip", "sclip", "naclip", "proxy")
 TINY_CLIP = "ovseg-tiny-ViT-16"  # 3 layers, width 128, patch 16: the fixture's architecture
 _MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 # OpenAI CLIP's normalisation on the 0-255 scale, as mmseg-style pipelines apply it
 CLIP_MEAN_255 = (122.771, 116.746, 104.094)
 CLIP_STD_255 = (68.501, 66.632, 70.323)
 # the same statistics on the 0-1 scale, unrounded: ProxyCLIP and Trident un-normalise CLIP crops
-# with these before re-normalising them for DINO (DinoEncoder.renormalize)
+# with these before re-normalising them for DINO (DinoEncoder.from_clip_normalized)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
-class ClipDenseOutput:
-    """Dense CLIP features of a batch of images.
+class ClipIntermediates:
+    """What one CLIP image forward returns. N = h * w patch tokens in row-major order, after the
+    class token; W = transformer width, D = joint embedding dim. Tensors have the model's dtype.
 
-    features: (B, N, D) patch features after ln_post and proj (not normalised); N = h * w, on
-        ``grid`` (the proxy grid in ``proxy`` mode).
-    cls_token: (B, D) class token after ln_post and proj (None in ``proxy`` mode).
-    grid: (h, w) of ``features``.
-    last_block_input: (B, 1 + N0, W) tokens entering the last block, class token first.
-    last_block_output: (B, 1 + N, W), or (B, N, W) in ``proxy`` mode, before ln_post.
-    q, k, v: (B, heads, 1 + N0, head_dim) of the last block, from its ln_1 output.
-    ln2: {block index: (B, 1 + N0, W)} ln_2 outputs of the requested blocks (original forward).
+    Fields:
+        last_block_input: (B, 1 + N, W) tokens entering the last block, class token first.
+        q, k, v: (B, heads, 1 + N, head_dim) of the last block, from its ln_1 output and
+            in_proj; q unscaled.
+        cls_token: (B, D) the image embedding: the class token after the unmodified last
+            block, ln_post and proj (open_clip's ``encode_image`` at the training size).
+        grid: (h, w) patch grid, (H // p, W // p): the patch conv drops the remainder pixels.
+        ln2: {block index: (B, 1 + N, W)} ln_2 outputs of the blocks asked for in
+            ``ln2_blocks`` (the unmodified forward); empty unless asked.
     """
 
-    features: torch.Tensor
-    cls_token: torch.Tensor | None
-    grid: tuple[int, int]
     last_block_input: torch.Tensor
-    last_block_output: torch.Tensor
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    ln2: dict[int, torch.Tensor]
+    cls_token: torch.Tensor
+    grid: tuple[int, int]
+    ln2: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def interpolate_pos_embed(
@@ -93,49 +96,14 @@ def interpolate_pos_embed(
     return torch.cat([cls_pos, patch_pos], dim=0)
 
 
-def gaussian_window_bias(grid: tuple[int, int], sigma: float) -> torch.Tensor:
-    """NACLIP's neighbourhood bias G: (1 + N, 1 + N), exp(-|p_i - p_j|^2 / (2 sigma^2)).
-
-    Peak 1 on the diagonal (not a normalised density); class row and column are 0.
-    """
-    h, w = grid
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    positions = torch.stack([ys.flatten(), xs.flatten()], dim=1).float()
-    squared = torch.cdist(positions, positions).pow(2)
-    gauss = torch.exp(-squared / (2 * sigma**2))
-    return F.pad(gauss, (1, 0, 1, 0))
-
-
-def proxy_attention(
-    proxy_tokens: torch.Tensor,
-    gamma: float,
-    beta: float,
-    mean: torch.Tensor | float | None = None,
-) -> torch.Tensor:
-    """ProxyCLIP's attention from proxy features (B, N', C) -> (B, N', N').
-
-    S = cosine similarity; S' = gamma * (S - beta * m) with m one scalar mean of S per image;
-    entries with S' < 0 are masked out, then a row softmax.
-
-    mean: m given from outside, a float or a tensor broadcastable to (B, 1, 1) (Trident takes
-        the mean of S over all windows of an image); None = the mean of each image's own S.
-    """
-    normed = F.normalize(proxy_tokens, dim=-1)
-    similarity = normed @ normed.transpose(1, 2)
-    if mean is None:
-        mean = similarity.mean(dim=(1, 2), keepdim=True)
-    elif isinstance(mean, torch.Tensor):
-        mean = mean.to(similarity.device, similarity.dtype)
-    logits = gamma * (similarity - beta * mean)
-    logits = logits.masked_fill(logits < 0, float("-inf"))
-    return logits.softmax(dim=-1)
-
-
 class ClipEncoder(nn.Module):
-    """A frozen open_clip CLIP with dense image features and a text encoder.
+    """A frozen open_clip CLIP with last-block intermediates and a text encoder.
 
-    ``forward(x, mode)`` takes (B, 3, H, W) CLIP-normalised images of any size (sides are
-    floor-truncated to multiples of the patch size by the patch conv).
+    ``forward(x)`` takes (B, 3, H, W) CLIP-normalised images of any size (sides are
+    floor-truncated to multiples of the patch size by the patch conv) and returns
+    :class:`ClipIntermediates`. The last block's pieces (:meth:`attention_output`,
+    :meth:`feed_forward`) and :meth:`project` let attention variants rebuild the block without
+    reaching into open_clip.
     """
 
     def __init__(self, model: nn.Module, tokenizer, name: str, pos_embed_resize: str = "offset"):
@@ -172,46 +140,50 @@ class ClipEncoder(nn.Module):
         return visual.ln_pre(tokens + pos.to(tokens.dtype)), grid
 
     def last_block_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v of the last block, each (B, heads, L, head_dim), from its ln_1 output."""
+        """q, k, v of the last block, each (B, heads, L, head_dim), for its input (B, L, W)."""
         block = self.model.visual.transformer.resblocks[-1]
         y = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
         batch, length, _ = y.shape
         y = y.view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return y[0], y[1], y[2]
 
-    def _merge_heads(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, heads, L, head_dim) -> out_proj applied: (B, L, W)."""
-        block = self.model.visual.transformer.resblocks[-1]
-        out = out.transpose(1, 2).flatten(2)
-        return block.attn.out_proj(out)
+    def attention_output(self, heads_out: torch.Tensor, layer_scale: bool) -> torch.Tensor:
+        """The last block's attention output from per-head results: merge the heads, out_proj,
+        then its layer scale ls_1 when ``layer_scale`` (identity in OpenAI-style CLIPs).
 
-    def _feed_forward(self, z: torch.Tensor) -> torch.Tensor:
+        Args:
+            heads_out: (B, heads, L, head_dim), e.g. softmax(q kᵀ/√d) v.
+
+        Returns:
+            (B, L, W).
+        """
+        block = self.model.visual.transformer.resblocks[-1]
+        out = block.attn.out_proj(heads_out.transpose(1, 2).flatten(2))
+        return block.ls_1(out) if layer_scale else out
+
+    def feed_forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The last block's FFN with its residual: (B, L, W) -> z + ls_2(mlp(ln_2(z)))."""
         block = self.model.visual.transformer.resblocks[-1]
         return z + block.ls_2(block.mlp(block.ln_2(z)))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mode: str = "vanilla",
-        *,
-        proxy_tokens: torch.Tensor | None = None,
-        proxy_grid: tuple[int, int] | None = None,
-        naclip_sigma: float = 5.0,
-        proxy_gamma: float = 3.0,
-        proxy_beta: float = 1.2,
-        proxy_mean: torch.Tensor | float | None = None,
-        ln2_blocks: tuple[int, ...] = (),
-    ) -> ClipDenseOutput:
-        """Dense features of (B, 3, H, W) CLIP-normalised images with the last block in ``mode``.
-
-        ``proxy`` needs ``proxy_tokens`` (B, N', C) on ``proxy_grid`` (from a DINO encoder);
-        ``proxy_mean`` optionally gives the mean of S from outside (see :func:`proxy_attention`).
-        ``ln2_blocks``: indices of blocks whose ln_2 output to return (the unmodified forward).
-        """
-        if mode not in CLIP_MODES:
-            raise ValueError(f"unknown CLIP attention mode {mode!r}; one of {CLIP_MODES}")
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ln_post then proj: (..., W) last-block tokens -> (..., D) joint-space features."""
         visual = self.model.visual
-        blocks = visual.transformer.resblocks
+        return visual.ln_post(tokens.to(visual.proj.dtype)) @ visual.proj
+
+    def forward(
+        self, x: torch.Tensor, *, ln2_blocks: tuple[int, ...] = ()
+    ) -> ClipIntermediates:
+        """Run the image tower up to the last block; see :class:`ClipIntermediates`.
+
+        Args:
+            x: (B, 3, H, W) CLIP-normalised images (see :meth:`normalize`).
+            ln2_blocks: indices of blocks whose ln_2 output (unmodified forward) to return.
+
+        Returns:
+            :class:`ClipIntermediates` on the grid (H // p, W // p).
+        """
+        blocks = self.model.visual.transformer.resblocks
         tokens, grid = self.embed_patches(x)
         ln2: dict[int, torch.Tensor] = {}
         for index, block in enumerate(blocks[:-1]):
@@ -219,56 +191,22 @@ class ClipEncoder(nn.Module):
                 attended = tokens + block.ls_1(block.attention(block.ln_1(tokens)))
                 ln2[index] = block.ln_2(attended)
             tokens = block(tokens)
-        last_input = tokens
-        q, k, v = self.last_block_qkv(last_input)
+        q, k, v = self.last_block_qkv(tokens)
         if len(blocks) - 1 in ln2_blocks:
-            attended = last_input + self._vanilla_attention(q, k, v)
+            heads_out = scaled_softmax(q, k) @ v
+            attended = tokens + self.attention_output(heads_out, layer_scale=True)
             ln2[len(blocks) - 1] = blocks[-1].ln_2(attended)
-        scale = q.shape[-1] ** -0.5
-        block = blocks[-1]
-        out_grid = grid
-        if mode == "vanilla":
-            last_output = self._feed_forward(last_input + self._vanilla_attention(q, k, v))
-        elif mode == "maskclip":
-            last_output = self._feed_forward(last_input + block.ls_1(self._merge_heads(v)))
-        elif mode == "sclip":
-            attn = ((q @ q.transpose(-1, -2)) * scale).softmax(-1)
-            attn = attn + ((k @ k.transpose(-1, -2)) * scale).softmax(-1)
-            attended = last_input + block.ls_1(self._merge_heads(attn @ v))
-            last_output = self._feed_forward(attended)
-        elif mode == "naclip":
-            bias = gaussian_window_bias(grid, naclip_sigma).to(k.dtype).to(k.device)
-            attn = ((k @ k.transpose(-1, -2)) * scale + bias).softmax(-1)
-            last_output = self._merge_heads(attn @ v)
-        else:
-            if proxy_tokens is None or proxy_grid is None:
-                raise ValueError("proxy mode needs proxy_tokens and proxy_grid from a DINO encoder")
-            attn = proxy_attention(proxy_tokens.to(v.dtype), proxy_gamma, proxy_beta, proxy_mean)
-            batch, heads, _, head_dim = v.shape
-            patch_v = v[:, :, 1:].transpose(2, 3).reshape(batch * heads, head_dim, *grid)
-            patch_v = F.interpolate(patch_v, size=proxy_grid, mode="bilinear", align_corners=False)
-            patch_v = patch_v.reshape(batch, heads, head_dim, -1).transpose(2, 3)
-            last_output = self._merge_heads(attn.unsqueeze(1) @ patch_v)
-            out_grid = tuple(proxy_grid)
-        projected = self.project(last_output)
-        if mode == "proxy":
-            features, cls_token = projected, None
-        else:
-            features, cls_token = projected[:, 1:], projected[:, 0]
-        return ClipDenseOutput(
-            features=features, cls_token=cls_token, grid=out_grid, last_block_input=last_input,
-            last_block_output=last_output, q=q, k=k, v=v, ln2=ln2,
+        cls_token = self._class_embedding(tokens, q, k, v)
+        return ClipIntermediates(
+            last_block_input=tokens, q=q, k=k, v=v, cls_token=cls_token, grid=grid, ln2=ln2
         )
 
-    def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """ln_post then proj: (..., W) last-block tokens -> (..., D) joint-space features."""
-        visual = self.model.visual
-        return visual.ln_post(tokens.to(visual.proj.dtype)) @ visual.proj
-
-    def _vanilla_attention(self, q, k, v) -> torch.Tensor:
-        block = self.model.visual.transformer.resblocks[-1]
-        attn = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
-        return block.ls_1(self._merge_heads(attn @ v))
+    def _class_embedding(self, tokens, q, k, v) -> torch.Tensor:
+        """(B, D) class token after the unmodified last block, ln_post and proj; only the class
+        query's row of the attention is computed (the block mixes tokens only there)."""
+        heads_out = scaled_softmax(q[:, :, :1], k) @ v
+        z = tokens[:, :1] + self.attention_output(heads_out, layer_scale=True)
+        return self.project(self.feed_forward(z))[:, 0]
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """Global image embedding (B, D) from open_clip's own forward (training-size input)."""
@@ -301,20 +239,25 @@ def _register_tiny_configs() -> None:
         open_clip.add_model_config(_MODEL_CONFIGS)
 
 
-def build_clip(
-    arch: str,
-    weights: str,
-    *,
-    pos_embed_resize: str = "offset",
-    quick_gelu: bool | None = None,
-    device: str | torch.device = "cpu",
-) -> ClipEncoder:
-    """Build a frozen CLIP encoder.
+def build_clip(section, device: str | torch.device = "cpu") -> ClipEncoder:
+    """Build a frozen CLIP encoder from its config section.
 
-    arch: an open_clip model name (ViT-B-16, ViT-L-14, ViT-H-14, ...), ``ovseg-tiny-ViT-16``, or
-        ``hf-hub:org/name`` (then the weights come from the hub and ``weights`` is ignored).
-    weights: see :mod:`ovseg.encoders.weights`; ``random`` is seeded, so it is reproducible.
+    Args:
+        section: ``model.clip``: a ``ClipConfig`` or an OmegaConf node of it, with
+            ``arch``: an open_clip model name (ViT-B-16, ViT-L-14, ViT-H-14, ...),
+            ``ovseg-tiny-ViT-16``, or ``hf-hub:org/name`` (then the weights come from the hub
+            and ``weights`` is ignored);
+            ``weights``: see :mod:`ovseg.encoders.weights`; ``random`` is seeded, so it is
+            reproducible;
+            ``pos_embed_resize``: ``offset`` | ``size`` (:func:`interpolate_pos_embed`);
+            ``quick_gelu``: QuickGELU activations; None = as the pretrained tag says.
+        device: where the encoder goes.
+
+    Raises:
+        WeightsError: unknown arch or tag, a missing or mismatching file, a failed download.
     """
+    arch, weights = str(section.arch), str(section.weights)
+    pos_embed_resize, quick_gelu = str(section.pos_embed_resize), section.quick_gelu
     try:
         import open_clip
     except ImportError as exc:  # pragma: no cover - a core dependency

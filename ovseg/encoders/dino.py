@@ -1,8 +1,9 @@
 """DINO / DINOv2 ViT encoders (timm): dense patch tokens and last-block q/k/v at any input size.
 
 The encoder is frozen. One forward returns a :class:`DinoFeatures` with the final-norm patch
-tokens (ProxyCLIP's and Trident's proxy feature), the class token and the last block's q/k/v,
-computed from the block's own submodules, so no hook is ever registered.
+tokens (ProxyCLIP's and Trident's proxy feature) and the class token; asked for with
+``last_qkv=True``, also the last block's q/k/v, from the same forward: that block then runs from
+its own submodules, so no hook is ever registered and nothing is computed twice.
 
 Architectures are timm model names (``vit_base_patch8_224.dino``, ``vit_base_patch16_224.dino``,
 ``vit_base_patch14_dinov2.lvd142m``, ``vit_small_patch14_reg4_dinov2.lvd142m``...) or the tiny
@@ -20,8 +21,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
+from ovseg.encoders.clip import OPENAI_MEAN, OPENAI_STD
 from ovseg.encoders.weights import (
     load_into,
     load_state_dict_file,
@@ -60,20 +63,21 @@ class DinoFeatures:
             tokens dropped) -- ProxyCLIP's / Trident's proxy feature.
         cls_token: (B, C) class token of the same normed output.
         grid: (h, w) patch grid, (H // p, W // p): the patch conv drops the remainder pixels.
+        num_prefix_tokens: P (1 for DINO, 1 + registers for DINOv2-reg).
         q, k, v: (B, heads, T, head_dim) of the last block, from its norm1 output and qkv Linear
             (after q_norm/k_norm where the model has them); no 1/sqrt(d) scaling applied.
-        last_block_input: (B, T, C) input tokens of the last block.
-        num_prefix_tokens: P (1 for DINO, 1 + registers for DINOv2-reg).
+            None unless the forward was asked for them (``last_qkv=True``).
+        last_block_input: (B, T, C) input tokens of the last block; None unless ``last_qkv``.
     """
 
     tokens: Tensor
     cls_token: Tensor
     grid: tuple[int, int]
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    last_block_input: Tensor
     num_prefix_tokens: int = 1
+    q: Tensor | None = None
+    k: Tensor | None = None
+    v: Tensor | None = None
+    last_block_input: Tensor | None = None
 
     def dense(self) -> Tensor:
         """``tokens`` as a feature map (B, C, h, w)."""
@@ -189,9 +193,10 @@ class DinoEncoder(nn.Module):
         """Re-normalise images normalised for another model (e.g. a CLIP crop) for this one:
         un-normalise with ``from_mean``/``from_std`` (0-1 scale), then normalise with ours.
 
-        This is ProxyCLIP's arithmetic for its DINO input. On a crop normalised with mmseg's
-        0-255 CLIP constants it differs from :meth:`normalize` of the uint8 image by ~1e-5,
-        because the 0-255 constants are rounded versions of 255 x the 0-1 ones.
+        This is ProxyCLIP's arithmetic for its DINO input (:meth:`from_clip_normalized`). On a
+        crop normalised with mmseg's 0-255 CLIP constants it differs from :meth:`normalize` of
+        the uint8 image by ~1e-5, because the 0-255 constants are rounded versions of 255 x the
+        0-1 ones.
 
         Args:
             x: (B, 3, H, W) float.
@@ -204,6 +209,18 @@ class DinoEncoder(nn.Module):
         mean = self.mean.to(x.device, x.dtype).view(1, 3, 1, 1)
         std = self.std.to(x.device, x.dtype).view(1, 3, 1, 1)
         return (x * src_std + src_mean - mean) / std
+
+    def from_clip_normalized(self, x: Tensor) -> Tensor:
+        """Images normalised for CLIP (OpenAI mean/std) -> this encoder's input, ProxyCLIP's way:
+        :meth:`renormalize` from OpenAI CLIP's unrounded 0-1 statistics.
+
+        Args:
+            x: (B, 3, H, W) float, CLIP-normalised (e.g. ``ClipEncoder.normalize``).
+
+        Returns:
+            (B, 3, H, W) in x's dtype and device.
+        """
+        return self.renormalize(x, OPENAI_MEAN, OPENAI_STD)
 
     def pos_embed_for(self, grid: tuple[int, int]) -> Tensor:
         """The positional embedding for a patch grid, in the model's own layout.
@@ -244,21 +261,48 @@ class DinoEncoder(nn.Module):
         tokens = m.pos_drop(tokens)
         return m.norm_pre(tokens), grid
 
-    def last_block_qkv(self, block_input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v (each (B, heads, T, head_dim)) of the last block for its input (B, T, C)."""
+    def _last_block_with_qkv(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The last block on its input (B, T, C), run from its submodules as timm's ``Block`` and
+        ``Attention`` run them, keeping q, k, v (each (B, heads, T, head_dim)).
+
+        Returns:
+            the block's output (B, T, C) and (q, k, v).
+        """
         block = self.model.blocks[-1]
         attn = block.attn
-        b, t, _ = block_input.shape
-        qkv = attn.qkv(block.norm1(block_input))
-        qkv = qkv.reshape(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if not isinstance(block, Block) or not isinstance(attn, Attention):
+            raise ConfigError(
+                f"last_qkv needs timm's Block and Attention in the last block; this model has "
+                f"{type(block).__name__} / {type(attn).__name__}"
+            )
+        b, t, _ = x.shape
+        y = block.norm1(x)
+        gate = attn.gate(y).sigmoid() if getattr(attn, "gate", None) is not None else None
+        qkv = attn.qkv(y).reshape(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        return attn.q_norm(q), attn.k_norm(k), v
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if getattr(attn, "fused_attn", False):
+            mixed = F.scaled_dot_product_attention(q, k, v)
+        else:
+            weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            mixed = attn.attn_drop(weights) @ v
+        mixed = mixed.transpose(1, 2).reshape(b, t, -1)
+        if getattr(attn, "norm", None) is not None:  # timm's scale_norm (Identity by default)
+            mixed = attn.norm(mixed)
+        if gate is not None:
+            mixed = mixed * gate
+        mixed = attn.proj_drop(attn.proj(mixed))
+        x = x + block.drop_path1(block.ls1(mixed))
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return x, (q, k, v)
 
-    def forward(self, x: Tensor) -> DinoFeatures:
+    def forward(self, x: Tensor, *, last_qkv: bool = False) -> DinoFeatures:
         """Run the ViT on normalised images of any size.
 
         Args:
             x: (B, 3, H, W) float, normalised with ``mean``/``std`` (see :meth:`normalize`).
+            last_qkv: also return the last block's q/k/v and input (computed once, by the
+                block's own forward run from its submodules).
 
         Returns:
             :class:`DinoFeatures` on the grid (H // p, W // p).
@@ -267,17 +311,22 @@ class DinoEncoder(nn.Module):
         blocks = self.model.blocks
         for block in blocks[:-1]:
             tokens = block(tokens)
-        q, k, v = self.last_block_qkv(tokens)
-        out = self.model.norm(blocks[-1](tokens))
+        qkv: tuple[Tensor, Tensor, Tensor] | tuple[None, None, None] = (None, None, None)
+        if last_qkv:
+            out, qkv = self._last_block_with_qkv(tokens)
+        else:
+            out = blocks[-1](tokens)
+        out = self.model.norm(out)
+        q, k, v = qkv
         return DinoFeatures(
             tokens=out[:, self.num_prefix_tokens:],
             cls_token=out[:, 0],
             grid=grid,
+            num_prefix_tokens=self.num_prefix_tokens,
             q=q,
             k=k,
             v=v,
-            last_block_input=tokens,
-            num_prefix_tokens=self.num_prefix_tokens,
+            last_block_input=tokens if last_qkv else None,
         )
 
 
@@ -336,20 +385,25 @@ def _timm_pretrained_name(arch: str, tag: str) -> str:
     return f"{base}.{tag}"
 
 
-def build_dino(arch: str, weights: str, pos_embed_resize: str = "offset") -> DinoEncoder:
-    """Build a frozen DINO-family encoder.
+def build_dino(section, device: str | torch.device = "cpu") -> DinoEncoder:
+    """Build a frozen DINO-family encoder from its config section.
 
     Args:
-        arch: a timm model name (``vit_base_patch8_224.dino``...) or ``tiny-p8`` / ``tiny-p16``.
-        weights: ``random``; a local ``.pt/.pth/.bin/.safetensors`` file in the timm or
+        section: ``model.dino``: a ``DinoConfig`` or an OmegaConf node of it, with
+            ``arch``: a timm model name (``vit_base_patch8_224.dino``...) or ``tiny-p8`` /
+            ``tiny-p16``;
+            ``weights``: ``random``; a local ``.pt/.pth/.bin/.safetensors`` file in the timm or
             facebookresearch DINO/DINOv2 key layout; ``timm`` (the arch's timm pretrained
-            weights) or another timm tag; ``hf-hub:org/name``. Downloads need the network.
-        pos_embed_resize: ``offset`` (DINO's +0.1 rule) or ``size``.
+            weights) or another timm tag; ``hf-hub:org/name``. Downloads need the network;
+            ``pos_embed_resize``: ``offset`` (DINO's +0.1 rule) or ``size``.
+        device: where the encoder goes.
 
     Raises:
         WeightsError: the file is missing or does not fit, or a download failed.
         ConfigError: the arch is not a timm model name.
     """
+    arch, weights = str(section.arch), str(section.weights)
+    pos_embed_resize = str(section.pos_embed_resize)
     if arch not in TINY_ARCHS and not timm.is_model(arch):
         raise ConfigError(
             f"unknown DINO arch {arch!r}: expected a timm model name such as "
@@ -377,7 +431,7 @@ def build_dino(arch: str, weights: str, pos_embed_resize: str = "offset") -> Din
             )
     # DINO and DINOv2 train with ImageNet mean/std; timm's default config of an untagged name
     # (e.g. vit_base_patch8_224 = augreg) would give another normalisation
-    return DinoEncoder(model, pos_embed_resize=pos_embed_resize)
+    return DinoEncoder(model, pos_embed_resize=pos_embed_resize).to(device)
 
 
 def _download_timm(arch: str, kind: str, value: str) -> nn.Module:

@@ -7,12 +7,13 @@ A spec is one of
 - anything else: a library's own pretrained tag (open_clip: ``openai``, ``laion2b_s32b_b79k``;
   timm: ``timm`` = the default pretrained weights of the timm model name).
 
-Files are read with ``torch.load(weights_only=True)`` or safetensors, never by unpickling code.
+Files are read with ``torch.load(weights_only=True)`` or safetensors, never by unpickling code
+(``ovseg.io.load_state_dict_file``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,23 @@ from torch import nn
 
 from ovseg.errors import WeightsError
 
+# state-dict files are read in ovseg.io (the bottom layer: the engine reads them too); these
+# names stay importable from here, where the encoders look for everything about weights
+from ovseg.io import describe_mismatch, load_state_dict_file
+
+__all__ = [
+    "WEIGHT_FILE_SUFFIXES",
+    "WeightsSpec",
+    "describe_mismatch",
+    "load_into",
+    "load_state_dict_file",
+    "offline_hint",
+    "parse_weights_spec",
+    "save_state_dict_file",
+    "seeded_init",
+]
+
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-# checkpoints often wrap the state dict in one of these keys
-_WRAPPER_KEYS = ("state_dict", "model", "module")
 
 
 @dataclass(frozen=True)
@@ -59,44 +74,6 @@ def seeded_init(seed: int = 0) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``).
-
-    A dict wrapping the weights under ``state_dict``/``model``/``module`` is unwrapped.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(
-            f"weights file {path} does not exist; download the checkpoint on a machine with "
-            "network access and pass its local path"
-        )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = _torch_load(path)
-    except Exception as exc:  # corrupt or truncated file, or a pickle with code in it
-        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
-    for key in _WRAPPER_KEYS:
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"weights file {path} does not hold a state dict of tensors")
-    return state
-
-
-def _torch_load(path: Path):
-    """``torch.load(weights_only=True)``; OpenAI's CLIP files are TorchScript archives instead."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError as exc:
-        if "TorchScript" not in str(exc):
-            raise
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
 
 
 def save_state_dict_file(state: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -136,38 +113,6 @@ def load_into(
             f"weights {source} do not fit: expected {expected}; " + "; ".join(problems)
         )
     module.load_state_dict(state, strict=True)
-
-
-def describe_mismatch(
-    required: Mapping[str, torch.Tensor],
-    known: Mapping[str, torch.Tensor],
-    state: Mapping[str, torch.Tensor],
-    listed: int = 5,
-) -> list[str]:
-    """What keeps ``state`` from loading, as parts of an error message (empty when it fits).
-
-    required: keys ``state`` must hold; known: every key the model has, with its tensor.
-    """
-    missing = sorted(set(required) - set(state))
-    unexpected = sorted(set(state) - set(known))
-    wrong_shape = sorted(
-        f"{key} (file {tuple(state[key].shape)}, model {tuple(known[key].shape)})"
-        for key in set(state) & set(known)
-        if tuple(state[key].shape) != tuple(known[key].shape)
-    )
-
-    def names(keys: list[str]) -> str:
-        more = f" and {len(keys) - listed} more" if len(keys) > listed else ""
-        return ", ".join(keys[:listed]) + more
-
-    parts = []
-    if missing:
-        parts.append(f"missing keys: {names(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {names(unexpected)}")
-    if wrong_shape:
-        parts.append(f"shape mismatches: {names(wrong_shape)}")
-    return parts
 
 
 def offline_hint(what: str, config_key: str) -> str:

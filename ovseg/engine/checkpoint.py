@@ -19,7 +19,6 @@ newest checkpoint that verifies, with a warning naming both.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -34,9 +33,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ovseg.encoders.weights import describe_mismatch
 from ovseg.engine import comm
 from ovseg.errors import OvsegError
+from ovseg.io import (
+    atomic_write_bytes,
+    describe_mismatch,
+    load_state_dict_file,
+    sha256_bytes,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,54 +162,6 @@ def _as_tuple(value: Any) -> Any:
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_dir(directory: Path) -> None:
-    # a rename is durable only once the directory entry is on disk
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename.
-
-    Readers see the old file or the new one, never part of one: a process killed mid-write
-    leaves only a stray ``.<name>.tmp-<pid>`` file.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-    return target
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _serialize_model(state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     from safetensors.torch import save
 
@@ -313,8 +270,8 @@ class Checkpointer:
             "format": CHECKPOINT_FORMAT,
             "iteration": int(iteration),
             "files": {
-                paths["model"].name: {"bytes": len(model_bytes), "sha256": _sha256(model_bytes)},
-                paths["state"].name: {"bytes": len(state_bytes), "sha256": _sha256(state_bytes)},
+                paths[key].name: {"bytes": len(data), "sha256": sha256_bytes(data)}
+                for key, data in (("model", model_bytes), ("state", state_bytes))
             },
         }
         atomic_write_bytes(paths["manifest"], (json.dumps(manifest, indent=1) + "\n").encode())
@@ -366,7 +323,7 @@ class Checkpointer:
                     f"checkpoint {where} is corrupt: {path} has {size} bytes, its manifest says "
                     f"{expected['bytes']} (truncated?)"
                 )
-            if file_sha256(path) != expected["sha256"]:
+            if sha256_file(path) != expected["sha256"]:
                 raise CheckpointError(
                     f"checkpoint {where} is corrupt: the sha256 of {path} differs from its "
                     "manifest (the file was changed or damaged)"
@@ -471,8 +428,6 @@ class Checkpointer:
             if _NAME.match(name) and beside.paths(name)["manifest"].is_file():
                 beside.load(name, model_only=True)
                 return
-        from ovseg.encoders.weights import load_state_dict_file
-
         try:
             state = load_state_dict_file(path)
         except OvsegError as exc:

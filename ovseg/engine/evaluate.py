@@ -7,7 +7,6 @@ the protocol that produced the numbers) and ``results.md`` under ``<output_dir>/
 
 from __future__ import annotations
 
-import hashlib
 import time
 from importlib import metadata
 from pathlib import Path
@@ -24,31 +23,32 @@ from ovseg.data.catalog import (
     prompt_file,
     register_from_config,
 )
-from ovseg.encoders.weights import parse_weights_spec
 from ovseg.engine.comm import get_rank, get_world_size, shard_indices
 from ovseg.evaluation.sem_seg import SemSegEvaluator, write_results
+from ovseg.io import sha256_file
 from ovseg.vis.writers import write_label_png
 
 _VERSIONED_PACKAGES = ("ovseg", "torch", "open_clip_torch", "timm", "segment-anything", "numpy")
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# the model sections that name a frozen encoder's weights; a config holds those its method reads
+_ENCODER_SECTIONS = ("clip", "dino", "sam")
 
 
 def weights_protocol(cfg) -> dict[str, dict[str, str]]:
-    """Each encoder's weights spec, with the sha256 of local files."""
+    """Each encoder's arch and weights spec, with the sha256 of the spec's file when it names
+    a local file; one entry per encoder section the config has."""
     protocol = {}
-    for encoder in ("clip", "dino", "sam"):
-        spec = str(cfg.model[encoder].weights)
-        entry = {"arch": str(cfg.model[encoder].arch), "weights": spec}
-        parsed = parse_weights_spec(spec)
-        if parsed.is_file and Path(parsed.value).is_file():
-            entry["sha256"] = file_sha256(parsed.value)
+    for encoder in _ENCODER_SECTIONS:
+        section = cfg.model.get(encoder)
+        if section is None:
+            continue
+        spec = str(section.weights)
+        entry = {"arch": str(section.arch), "weights": spec}
+        # a spec that names an existing file is a weights file (a tag or "random" never does)
+        local = Path(spec.strip()).expanduser() if spec.strip() else None
+        if local is not None and local.is_file():
+            entry["sha256"] = sha256_file(local)
         protocol[encoder] = entry
     return protocol
 
@@ -94,10 +94,10 @@ def evaluate_benchmark(model, name: str, cfg, output_dir: str | Path) -> dict | 
         "benchmark": name,
         "split": info.split,
         "class_file": str(info.class_file),
-        "class_file_sha256": file_sha256(info.class_file),
+        "class_file_sha256": sha256_file(info.class_file),
         "prompt_names": str(cfg.text.prompt_names),
         "prompt_file": str(prompt_file(name, cfg.text.prompt_names)),
-        "prompt_file_sha256": file_sha256(prompt_file(name, cfg.text.prompt_names)),
+        "prompt_file_sha256": sha256_file(prompt_file(name, cfg.text.prompt_names)),
         "images": len(dataset),
         "processes": get_world_size(),
         "wall_time_s": round(time.perf_counter() - started, 3),

@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from ovseg.engine import comm
-from ovseg.engine.checkpoint import Checkpointer, atomic_write_bytes, rng_state, set_rng_state
+from ovseg.engine.checkpoint import Checkpointer, rng_state, set_rng_state
 from ovseg.engine.trainer import TrainingError
+from ovseg.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from ovseg.engine.trainer import Trainer

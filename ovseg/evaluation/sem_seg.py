@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ovseg.errors import OvsegError
-from ovseg.vis.writers import atomic_path, write_json
+from ovseg.io import atomic_write_text
+from ovseg.vis.writers import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -541,6 +542,5 @@ def write_results(
     markdown_path = output_dir / "results.md"
     write_json(json_path, {**results, **extra})
     markdown = results_to_markdown(results, extra)
-    with atomic_path(markdown_path) as temporary:
-        temporary.write_text(markdown, encoding="utf-8")
+    atomic_write_text(markdown_path, markdown)
     return json_path, markdown_path

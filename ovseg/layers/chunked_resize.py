@@ -26,24 +26,42 @@ def bilinear_matrix(out_size: int, in_size: int, device=None) -> torch.Tensor:
     return weights.to(device)
 
 
+class BandResizer:
+    """``maps`` (C, h, w) resized bilinearly (align_corners=False) to ``size``, a band of rows at
+    a time: any band costs C x rows x W floats, never the whole (C, H, W) map.
+
+    A given band is computed the same way whichever other bands are asked for, so results that
+    are built band by band do not depend on the order of the requests.
+    """
+
+    def __init__(self, maps: torch.Tensor, size: tuple[int, int]):
+        self.maps = maps.float()
+        self.size = (int(size[0]), int(size[1]))
+        self.identity = tuple(maps.shape[-2:]) == self.size
+        if not self.identity:
+            self.along_h = bilinear_matrix(self.size[0], maps.shape[1], maps.device)  # (H, h)
+            self.along_w = bilinear_matrix(self.size[1], maps.shape[2], maps.device)  # (W, w)
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        """(C, len(rows), W) float32: rows ``rows`` (step 1) of the resized map."""
+        if self.identity:
+            return self.maps[:, rows]
+        band = torch.einsum("rh,chw->crw", self.along_h[rows], self.maps)
+        return band @ self.along_w.T
+
+    def bands(self, band_rows: int = 256) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield (row slice, (C, rows, W) band) from the top, ``band_rows`` rows at a time."""
+        height = self.size[0]
+        for start in range(0, height, band_rows):
+            rows = slice(start, min(start + band_rows, height))
+            yield rows, self.rows(rows)
+
+
 def resized_row_bands(
     maps: torch.Tensor, size: tuple[int, int], band_rows: int = 256
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield (row slice, (C, rows, W) band) of ``maps`` (C, h, w) resized bilinearly to ``size``."""
-    height, width = size
-    channels, h, w = maps.shape
-    maps = maps.float()
-    if (h, w) == (height, width):
-        for start in range(0, height, band_rows):
-            rows = slice(start, min(start + band_rows, height))
-            yield rows, maps[:, rows]
-        return
-    along_w = bilinear_matrix(width, w, maps.device)  # (W, w)
-    along_h = bilinear_matrix(height, h, maps.device)  # (H, h)
-    for start in range(0, height, band_rows):
-        rows = slice(start, min(start + band_rows, height))
-        band = torch.einsum("rh,chw->crw", along_h[rows], maps)
-        yield rows, band @ along_w.T
+    yield from BandResizer(maps, size).bands(band_rows)
 
 
 def map_resized_bands(

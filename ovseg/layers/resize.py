@@ -71,3 +71,23 @@ def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(logits.shape[-2:]) == target:
         return logits
     return F.interpolate(logits, size=target, mode="bilinear", align_corners=False)
+
+
+def check_image(image, who: str) -> None:
+    """Raise a one-line ValueError unless ``image`` is an (H, W, 3) uint8 RGB numpy array."""
+    if (not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3
+            or image.dtype != np.uint8):
+        shape = getattr(image, "shape", None)
+        dtype = getattr(image, "dtype", type(image).__name__)
+        raise ValueError(f"{who} expects an (H, W, 3) uint8 RGB image, got {shape} {dtype}")
+
+
+def image_tensor(
+    image: np.ndarray, size: tuple[int, int], device: torch.device | str
+) -> torch.Tensor:
+    """An (H, W, 3) uint8 RGB image resized to ``size`` (:func:`resize_image`, skipped when it
+    has that size) as a (1, 3, h, w) uint8 tensor on ``device``: every 2D method's input."""
+    if tuple(image.shape[:2]) != tuple(size):
+        image = resize_image(image, size)
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    return pixels.permute(2, 0, 1)[None]

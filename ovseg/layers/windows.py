@@ -9,7 +9,8 @@ window batch: only one batch of windows and its logits is alive at a time, besid
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -125,15 +126,41 @@ def window_counts(
     return counts
 
 
-def _add_windows(canvas: torch.Tensor, window_maps: torch.Tensor, grid: Sequence[Window]) -> None:
-    # One window after another in grid order: the sums, and so the result, do not depend on
-    # how windows were batched, and match the references' accumulation order.
-    for window_map, (y0, x0, y1, x1) in zip(window_maps, grid, strict=True):
-        canvas[0, :, y0:y1, x0:x1] += window_map
+def splice_windows(
+    batches: Iterable[tuple[Sequence[Window], torch.Tensor]], size: Sequence[int]
+) -> torch.Tensor:
+    """Sum window maps at their offsets on one canvas and divide by the cover count.
 
+    The one stitching step of every 2D method: sliding-window inference (after resizing each
+    window's logits to the window) and Trident's splice of window features. Batches are added
+    as they come, one window after another in order, so only one batch is alive beside the
+    canvas and the sums (so the result) do not depend on how windows were batched.
 
-def _divide_by_counts(canvas: torch.Tensor, grid: Sequence[Window]) -> torch.Tensor:
-    counts = window_counts(grid, canvas.shape[-2:], canvas.device)
+    Args:
+        batches: (windows, maps) pairs; windows (y0, x0, y1, x1) on the canvas, maps
+            (B, C, y1 - y0, x1 - x0), one per window.
+        size: (H, W) of the canvas.
+
+    Returns:
+        (C, H, W) float32 on the maps' device.
+
+    Raises:
+        ValueError: no windows, or canvas cells that no window covers.
+    """
+    canvas: torch.Tensor | None = None
+    placed: list[Window] = []
+    for windows, maps in batches:
+        if canvas is None:
+            canvas = torch.zeros(
+                (maps.shape[1], int(size[0]), int(size[1])), dtype=torch.float32,
+                device=maps.device,
+            )
+        for window_map, (y0, x0, y1, x1) in zip(maps, windows, strict=True):
+            canvas[:, y0:y1, x0:x1] += window_map.float()
+        placed.extend(windows)
+    if canvas is None:
+        raise ValueError("splice_windows got no windows")
+    counts = window_counts(placed, size, canvas.device)[0]
     if bool((counts == 0).any()):
         raise ValueError("the window grid leaves pixels uncovered; every pixel needs a window")
     return canvas.div_(counts)
@@ -165,13 +192,7 @@ def stitch_windows(
             f"window maps are {tuple(window_maps.shape[-2:])} but the windows are "
             f"{_window_size(grid)}; resize the maps to the window size first"
         )
-    canvas = torch.zeros(
-        (1, window_maps.shape[1], int(size[0]), int(size[1])),
-        dtype=torch.float32,
-        device=window_maps.device,
-    )
-    _add_windows(canvas, window_maps.float(), grid)
-    return _divide_by_counts(canvas, grid)
+    return splice_windows([(grid, window_maps)], size)[None]
 
 
 def centred_padding(height: int, width: int, multiple: int) -> tuple[int, int, int, int]:
@@ -191,6 +212,75 @@ def centred_padding(height: int, width: int, multiple: int) -> tuple[int, int, i
     return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
 
 
+@dataclass
+class WindowBatch:
+    """Where one batch of a sliding-window pass lies: the windows' boxes and their padding.
+
+    boxes: (y0, x0, y1, x1) of each window on the image (all of one size h x w).
+    padding: (left, right, top, bottom) zeros around each window, centred
+        (:func:`centred_padding`); padded_size: (h', w') of the padded windows.
+    """
+
+    boxes: list[Window]
+    padding: tuple[int, int, int, int]
+    padded_size: tuple[int, int]
+
+    def to_window(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C, gh, gw) logits of the padded windows -> (B, C, h, w) float32 on the windows:
+        upsampled bilinearly to the padded size, the padding cut back out."""
+        if logits.dim() != 4 or logits.shape[0] != len(self.boxes):
+            raise ValueError(
+                f"predict_windows returned shape {tuple(logits.shape)} for {len(self.boxes)} "
+                "windows; expected (B, C, h, w) with B the number of windows"
+            )
+        logits = resize_logits(logits.float(), self.padded_size)
+        left, right, top, bottom = self.padding
+        if any(self.padding):
+            height = self.padded_size[0] - top - bottom
+            width = self.padded_size[1] - left - right
+            logits = logits[:, :, top : top + height, left : left + width]
+        return logits
+
+
+def window_batches(
+    image: torch.Tensor,
+    *,
+    crop: SizeArg,
+    stride: SizeArg,
+    window_batch: int = 8,
+    pad_multiple: int = 0,
+) -> Iterator[tuple[WindowBatch, torch.Tensor]]:
+    """The windows of a sliding-window pass over one image, ``window_batch`` at a time.
+
+    The grid is :func:`window_grid`'s; with ``pad_multiple > 0`` (ProxyCLIP) each window is
+    zero-padded, centred, to a multiple of ``pad_multiple`` per side (:func:`centred_padding`).
+    A batch is cut when it is asked for, so one batch of windows is alive at a time.
+
+    Args:
+        image: (1, C, H, W), already normalised as the model expects.
+
+    Yields:
+        (:class:`WindowBatch`, (B, C, h', w') padded window pixels), in grid order.
+    """
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(
+            f"sliding windows expect one (1, 3, H, W) image, got shape {tuple(image.shape)}"
+        )
+    if window_batch < 1:
+        raise ValueError(f"window_batch must be at least 1, got {window_batch}")
+    grid = window_grid(int(image.shape[-2]), int(image.shape[-1]), crop, stride)
+    win_h, win_w = _window_size(grid)
+    padding = centred_padding(win_h, win_w, pad_multiple)
+    left, right, top, bottom = padding
+    padded_size = (win_h + top + bottom, win_w + left + right)
+    for start in range(0, len(grid), window_batch):
+        boxes = grid[start : start + window_batch]
+        windows = cut_windows(image, boxes)
+        if any(padding):
+            windows = F.pad(windows, padding)
+        yield WindowBatch(list(boxes), padding, padded_size), windows
+
+
 def sliding_window_logits(
     image: torch.Tensor,
     predict_windows: Callable[[torch.Tensor], torch.Tensor],
@@ -202,12 +292,10 @@ def sliding_window_logits(
 ) -> torch.Tensor:
     """Dense logits of one image by sliding windows, averaged where windows overlap.
 
-    The windows of ``window_grid`` go through ``predict_windows`` in batches of at most
-    ``window_batch``. Each window's logits are upsampled bilinearly (``align_corners=False``) to
-    the window size, summed into a canvas and divided by the per-pixel overlap count. With
-    ``pad_multiple > 0`` (ProxyCLIP) each window is first zero-padded, centred, to a multiple of
-    ``pad_multiple`` per side; its logits are upsampled to the padded size and the window part
-    cut back out.
+    The windows of :func:`window_batches` go through ``predict_windows``; each window's logits
+    are upsampled bilinearly (``align_corners=False``) to the (padded) window size, the padding
+    cut back out (:meth:`WindowBatch.to_window`), and the windows spliced on one canvas
+    divided by the per-pixel overlap count (:func:`splice_windows`).
 
     Memory: one batch of windows and its logits at a time, plus the (1, C, H, W) float32 canvas
     on the image's device.
@@ -224,40 +312,10 @@ def sliding_window_logits(
     Returns:
         (1, C, H, W) float32 logits on the image's device.
     """
-    if image.dim() != 4 or image.shape[0] != 1:
-        raise ValueError(
-            f"sliding_window_logits expects one (1, 3, H, W) image, got shape {tuple(image.shape)}"
-        )
-    if window_batch < 1:
-        raise ValueError(f"window_batch must be at least 1, got {window_batch}")
-    height, width = int(image.shape[-2]), int(image.shape[-1])
-    grid = window_grid(height, width, crop, stride)
-    win_h, win_w = _window_size(grid)
-    left, right, top, bottom = centred_padding(win_h, win_w, pad_multiple)
-    padded = any((left, right, top, bottom))
-
-    canvas: torch.Tensor | None = None
-    for start in range(0, len(grid), window_batch):
-        boxes = grid[start : start + window_batch]
-        windows = cut_windows(image, boxes)
-        if padded:
-            windows = F.pad(windows, (left, right, top, bottom))
-        logits = predict_windows(windows)
-        if logits.dim() != 4 or logits.shape[0] != len(boxes):
-            raise ValueError(
-                f"predict_windows returned shape {tuple(logits.shape)} for {len(boxes)} windows; "
-                "expected (B, C, h, w) with B the number of windows"
-            )
-        logits = logits.to(device=image.device, dtype=torch.float32)
-        logits = resize_logits(logits, windows.shape[-2:])
-        if padded:
-            logits = logits[:, :, top : top + win_h, left : left + win_w]
-        if canvas is None:
-            canvas = torch.zeros(
-                (1, logits.shape[1], height, width), dtype=torch.float32, device=image.device
-            )
-        _add_windows(canvas, logits, boxes)
-        # Free this batch before the next one is cut, so memory stays one batch deep.
-        del windows, logits
-    assert canvas is not None  # the grid always has at least one window
-    return _divide_by_counts(canvas, grid)
+    batches = window_batches(
+        image, crop=crop, stride=stride, window_batch=window_batch, pad_multiple=pad_multiple
+    )
+    spliced = (
+        (batch.boxes, batch.to_window(predict_windows(pixels))) for batch, pixels in batches
+    )
+    return splice_windows(spliced, image.shape[-2:])[None]

@@ -17,21 +17,21 @@ def clip_from_config(model_cfg, device: torch.device):
     """The CLIP encoder of ``cfg.model.clip`` on ``device``."""
     from ovseg.encoders import build_clip
 
-    clip_cfg = model_cfg.clip
-    return build_clip(
-        clip_cfg.arch, clip_cfg.weights, pos_embed_resize=clip_cfg.pos_embed_resize,
-        quick_gelu=clip_cfg.quick_gelu, device=device,
-    )
+    return build_clip(model_cfg.clip, device)
 
 
 def dino_from_config(model_cfg, device: torch.device):
     """The DINO encoder of ``cfg.model.dino`` on ``device``."""
     from ovseg.encoders import build_dino
 
-    dino_cfg = model_cfg.dino
-    return build_dino(
-        dino_cfg.arch, dino_cfg.weights, pos_embed_resize=dino_cfg.pos_embed_resize
-    ).to(device)
+    return build_dino(model_cfg.dino, device)
+
+
+def sam_from_config(model_cfg, device: torch.device):
+    """The SAM encoder of ``cfg.model.sam`` (a named or a custom size) on ``device``."""
+    from ovseg.encoders import build_sam
+
+    return build_sam(model_cfg.sam, device)
 
 
 class TextClassifiers:

@@ -7,19 +7,28 @@ max over each class's synonyms -> thresholds -> argmax.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import partial
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ovseg.config.schema import DenseClipConfig, InferenceConfig, PamrConfig
-from ovseg.encoders.clip import CLIP_MODES, OPENAI_MEAN, OPENAI_STD, ClipEncoder
+from ovseg.config.schema import InferenceConfig
+from ovseg.encoders.clip import ClipEncoder
 from ovseg.errors import ConfigError
-from ovseg.layers.chunked_resize import map_resized_bands
+from ovseg.layers.attention import LAST_BLOCK_VARIANTS
+from ovseg.layers.labels import (
+    class_probabilities,
+    labels_from_probabilities,
+    small_class_mask,
+    suppress_small_classes,
+)
 from ovseg.layers.pamr import PAMR
-from ovseg.layers.resize import rescale_size, resize_image
-from ovseg.layers.windows import sliding_window_logits
-from ovseg.methods.base import Prediction
+from ovseg.layers.resize import check_image, image_tensor, rescale_size
+from ovseg.layers.windows import WindowBatch, splice_windows, window_batches
+from ovseg.methods.base import ImageState, Prediction, labels_in_bands, score_bands
 from ovseg.methods.common import (
     TextClassifiers,
     clip_from_config,
@@ -27,31 +36,30 @@ from ovseg.methods.common import (
     settings_from_config,
 )
 from ovseg.methods.device import resolve_device
-from ovseg.text import Vocabulary, as_vocabulary, get_templates
-from ovseg.text.vocabulary import max_over_synonyms
+from ovseg.text import as_vocabulary, get_templates
 
 
-def name_probabilities(cosine: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """softmax(logit_scale * cos) over the names axis (0) of (N_names, ...)."""
-    return (logit_scale * cosine).softmax(dim=0)
+@dataclass
+class DenseClipConfig:
+    """``cfg.model.dense_clip``: the last-block mode and the scoring of specs/dense_clip.md."""
+
+    mode: str = "maskclip"  # vanilla | maskclip | sclip | naclip | proxy
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: float = 0.0
+    # NACLIP renormalises the class probabilities to sum 1 after the max over synonyms
+    renormalize: bool = False
+    naclip_sigma: float = 5.0  # Gaussian std in patches
+    proxy_gamma: float = 3.0
+    proxy_beta: float = 1.2
 
 
-def suppress_small_classes(probs: torch.Tensor, area_thd: float) -> torch.Tensor:
-    """SCLIP's area rule on (C, H, W), in place: zero the probabilities of every non-background
-    class whose argmax area is not above ``area_thd`` times the predicted-foreground area."""
-    counts = torch.bincount(probs.argmax(0).flatten(), minlength=probs.shape[0]).float()
-    foreground = counts[1:]
-    keep = (foreground > area_thd * foreground.sum()).to(probs.dtype)
-    probs[1:] *= keep.view(-1, 1, 1).to(probs.device)
-    return probs
+@dataclass
+class PamrConfig:
+    """``cfg.model.pamr``: PAMR refinement of the dense logits (NACLIP)."""
 
-
-def labels_from_probabilities(probs: torch.Tensor, prob_thd: float) -> torch.Tensor:
-    """Argmax of (C, H, W) class probabilities; pixels whose max is below ``prob_thd`` get 0."""
-    best, labels = probs.max(dim=0)
-    if prob_thd > 0:
-        labels = torch.where(best < prob_thd, torch.zeros_like(labels), labels)
-    return labels
+    steps: int = 0  # 0 = off
+    dilations: list[int] = field(default_factory=lambda: [8, 16])
 
 
 class DenseClip(nn.Module):
@@ -68,9 +76,10 @@ class DenseClip(nn.Module):
         text_cache_dir: str | None = None,
     ):
         super().__init__()
-        if settings.mode not in CLIP_MODES:
+        if settings.mode not in LAST_BLOCK_VARIANTS:
             raise ConfigError(
-                f"model.dense_clip.mode: unknown mode {settings.mode!r}; one of {CLIP_MODES}"
+                f"model.dense_clip.mode: unknown mode {settings.mode!r}; one of "
+                f"{tuple(LAST_BLOCK_VARIANTS)}"
             )
         if settings.mode == "proxy" and dino is None:
             raise ConfigError("model.dense_clip.mode 'proxy' needs a DINO encoder (model.dino)")
@@ -87,85 +96,168 @@ class DenseClip(nn.Module):
 
     # ---- image -------------------------------------------------------------------------------
     def proxy_features(self, windows: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """DINO tokens of CLIP-normalised windows, re-normalised with ImageNet statistics."""
-        features = self.dino(self.dino.renormalize(windows, OPENAI_MEAN, OPENAI_STD))
+        """DINO tokens (B, N', C) of CLIP-normalised windows (re-normalised for DINO), and the
+        DINO grid."""
+        features = self.dino(self.dino.from_clip_normalized(windows))
         return features.tokens, tuple(features.grid)
+
+    def window_features(self, windows: torch.Tensor) -> WindowFeatures:
+        """(B, 3, h, w) CLIP-normalised windows -> their L2-normalised patch features: CLIP's
+        last block as ``mode`` (:mod:`ovseg.layers.attention`), ln_post, proj."""
+        settings = self.settings
+        options: dict = {}
+        if settings.mode == "naclip":
+            options = {"sigma": settings.naclip_sigma}
+        elif settings.mode == "proxy":
+            proxy_tokens, proxy_grid = self.proxy_features(windows)
+            options = {"proxy_tokens": proxy_tokens, "proxy_grid": proxy_grid,
+                       "gamma": settings.proxy_gamma, "beta": settings.proxy_beta}
+        variant = LAST_BLOCK_VARIANTS[settings.mode]
+        tokens, grid = variant(self.clip(windows), self.clip, **options)
+        patches = self.clip.project(tokens)[:, -grid[0] * grid[1]:]  # class token dropped
+        return WindowFeatures(F.normalize(patches, dim=-1), tuple(grid))
 
     def window_cosine(self, windows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) CLIP-normalised windows -> (B, N_names, gh, gw) cosine on the patch grid."""
-        proxy_tokens = proxy_grid = None
-        if self.settings.mode == "proxy":
-            proxy_tokens, proxy_grid = self.proxy_features(windows)
-        out = self.clip(
-            windows, self.settings.mode, proxy_tokens=proxy_tokens, proxy_grid=proxy_grid,
-            naclip_sigma=self.settings.naclip_sigma, proxy_gamma=self.settings.proxy_gamma,
-            proxy_beta=self.settings.proxy_beta,
+        return self.window_features(windows).cosine(text)
+
+    @torch.inference_mode()
+    def encode(self, image: np.ndarray) -> DenseClipState:
+        """Resize an (H, W, 3) uint8 RGB image by its short side and run CLIP (and DINO) over
+        its sliding windows: all that does not depend on the vocabulary, kept per window batch
+        for :meth:`predict`."""
+        check_image(image, "DenseClip")
+        inference = self.inference
+        height, width = image.shape[:2]
+        size = rescale_size(height, width, inference.short_side, inference.max_long_side)
+        x = self.clip.normalize(image_tensor(image, size, self.device))
+        return DenseClipState(
+            size=(int(height), int(width)), resized=tuple(size), windows=self.window_pass(x),
+            guide=x if self.pamr is not None else None,
         )
-        features = F.normalize(out.features, dim=-1)
-        cosine = features @ text.to(features.dtype).T
-        return cosine.transpose(1, 2).reshape(windows.shape[0], -1, *out.grid).float()
+
+    def window_pass(self, x: torch.Tensor) -> list[tuple[WindowBatch | None, WindowFeatures]]:
+        """CLIP features of the sliding windows of a (1, 3, h, w) normalised image, one entry
+        per window batch; one (None, features) of the whole image when ``crop`` <= 0."""
+        inference = self.inference
+        if inference.crop <= 0:  # whole image: patch logits go straight to the input size
+            return [(None, self.window_features(x))]
+        batches = window_batches(
+            x, crop=inference.crop, stride=inference.stride,
+            window_batch=inference.window_batch, pad_multiple=inference.pad_multiple,
+        )
+        return [(batch, self.window_features(pixels)) for batch, pixels in batches]
+
+    @staticmethod
+    def stitched_cosine(windows, size: tuple[int, int], text: torch.Tensor) -> torch.Tensor:
+        """(N_names, h, w) name cosines of the resized image (``size``) from a
+        :meth:`window_pass`: window cosines stitched, or the whole image's patch grid."""
+        (first, features), *_ = windows
+        if first is None:
+            return features.cosine(text)[0]
+        spliced = ((batch.boxes, batch.to_window(features.cosine(text)))
+                   for batch, features in windows)
+        return splice_windows(spliced, size)
 
     def dense_cosine(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(1, 3, H, W) CLIP-normalised image -> (1, N_names, H, W) stitched window cosines."""
-        settings = self.inference
-        return sliding_window_logits(
-            x, lambda windows: self.window_cosine(windows, text), crop=settings.crop,
-            stride=settings.stride, window_batch=settings.window_batch,
-            pad_multiple=settings.pad_multiple,
-        )
+        return self.stitched_cosine(self.window_pass(x), tuple(x.shape[-2:]), text)[None]
 
-    def class_probabilities(self, cosine: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
+    def class_probabilities(self, cosine: torch.Tensor, vocabulary) -> torch.Tensor:
         """(N_names, ...) cosines -> (C, ...): softmax over names, then max over synonyms."""
-        probs = name_probabilities(cosine, self.settings.logit_scale)
-        probs = max_over_synonyms(
-            probs, vocabulary.name_to_class.to(probs.device), vocabulary.num_classes
-        )
-        if self.settings.renormalize:
-            probs = probs / probs.sum(dim=0, keepdim=True)
-        return probs
+        return class_probabilities(cosine, vocabulary, self.settings.logit_scale,
+                                   self.settings.renormalize)
 
     def labels(self, probs: torch.Tensor) -> torch.Tensor:
-        """(C, H, W) class probabilities -> (H, W) int64 labels; may zero small classes in place."""
+        """(C, H, W) class probabilities of a whole map -> (H, W) int64 labels; may zero small
+        classes in place (``predict`` does the same a band at a time)."""
         if self.settings.area_thd > 0:
             suppress_small_classes(probs, self.settings.area_thd)
         return labels_from_probabilities(probs, self.settings.prob_thd)
 
-    @torch.inference_mode()
-    def predict(self, image: np.ndarray, vocabulary) -> Prediction:
-        """Segment an (H, W, 3) uint8 RGB image into the classes of ``vocabulary``.
+    def _class_probabilities_in_bands(self, cosine, size, vocabulary) -> torch.Tensor:
+        """(C, H, W) class probabilities of (N_names, h, w) cosines resized to ``size``, made a
+        band of rows at a time as :class:`Prediction` makes them."""
+        return Prediction(np.zeros(size, dtype=np.int64), vocabulary.class_names, cosine,
+                          partial(self.class_probabilities, vocabulary=vocabulary)).probabilities()
 
-        ``vocabulary``: a Vocabulary, an inline string ("cat, dog; puppy, sky") or a list.
+    @torch.inference_mode()
+    def predict(
+        self,
+        image: np.ndarray | DenseClipState,
+        vocabulary,
+        classifier: torch.Tensor | None = None,
+    ) -> Prediction:
+        """Segment an image, or the :class:`DenseClipState` of one, into ``vocabulary``.
+
+        Args:
+            image: (H, W, 3) uint8 RGB, or ``encode(image)`` (then no encoder runs again).
+            vocabulary: a Vocabulary, an inline string ("cat, dog; puppy, sky") or a list.
+            classifier: (N_names, E) L2-normalised text embeddings of the vocabulary's names,
+                precomputed; None = from the text encoder (cached per vocabulary).
         """
+        state = image if isinstance(image, DenseClipState) else self.encode(image)
         vocabulary = as_vocabulary(vocabulary)
-        text = self.text_classifier(vocabulary.names)
-        height, width = image.shape[:2]
-        size = rescale_size(height, width, self.inference.short_side, self.inference.max_long_side)
-        resized = resize_image(image, size)
-        pixels = torch.from_numpy(np.ascontiguousarray(resized)).to(self.device)
-        x = self.clip.normalize(pixels.permute(2, 0, 1)[None])
-        if self.inference.crop <= 0:  # whole image: patch logits go straight to the input size
-            cosine = self.window_cosine(x, text)[0]
-        else:
-            cosine = self.dense_cosine(x, text)[0]
+        text = self.text_classifier(vocabulary.names) if classifier is None else classifier
+        scores = self.stitched_cosine(state.windows, state.resized, text)
         if self.pamr is not None:
-            probs = self.class_probabilities(self._refine(cosine, x, (height, width)), vocabulary)
-        else:
-            probs = self._class_probabilities_in_bands(cosine, (height, width), vocabulary)
-        labels = self.labels(probs)
-        return Prediction(labels.cpu().numpy(), probs.cpu(), vocabulary.class_names)
+            scores = self._refine(scores, state.guide, state.size)
+        settings = self.settings
+        to_probabilities = partial(self.class_probabilities, vocabulary=vocabulary)
+        scores = scores.cpu()
+        if settings.area_thd > 0:
+            to_probabilities = self._without_small_classes(scores, state.size, to_probabilities,
+                                                           vocabulary.num_classes)
+        labels = labels_in_bands(
+            scores, state.size,
+            lambda band: labels_from_probabilities(to_probabilities(band), settings.prob_thd),
+        )
+        return Prediction(labels.numpy(), vocabulary.class_names, scores, to_probabilities)
+
+    def _without_small_classes(self, scores, size, to_probabilities, num_classes):
+        """SCLIP's area rule: the class probabilities with small classes zeroed, which needs
+        the argmax areas of the whole image first (counted a band at a time)."""
+        counts = torch.zeros(num_classes, dtype=torch.int64)
+        for _, band in score_bands(scores, size):
+            argmax = to_probabilities(band).argmax(0).flatten().cpu()
+            counts += torch.bincount(argmax, minlength=num_classes)
+        keep = small_class_mask(counts, self.settings.area_thd).view(-1, 1, 1)
+        return lambda band: to_probabilities(band) * keep.to(band.device, band.dtype)
 
     def _refine(self, cosine: torch.Tensor, x: torch.Tensor, size) -> torch.Tensor:
         # guess: NACLIP refines at the original size with the normalised image resized to it
+        # (PAMR works on the full-resolution map: this mode's memory grows with H x W x names)
         cosine = F.interpolate(cosine[None], size=size, mode="bilinear", align_corners=False)
         guide = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return self.pamr(guide, cosine)[0]
 
-    def _class_probabilities_in_bands(self, cosine, size, vocabulary: Vocabulary) -> torch.Tensor:
-        """Resize back and score a band of rows at a time: memory is one band plus the output."""
-        return map_resized_bands(
-            cosine, size, lambda band: self.class_probabilities(band, vocabulary),
-            vocabulary.num_classes,
-        )
+
+@dataclass
+class WindowFeatures:
+    """Dense CLIP features of a batch of windows: (B, N, D) L2-normalised patch features on the
+    (h, w) patch grid (N = h * w)."""
+
+    features: torch.Tensor
+    grid: tuple[int, int]
+
+    def cosine(self, text: torch.Tensor) -> torch.Tensor:
+        """(B, N_names, h, w) float32 cosines with an (N_names, D) normalised text classifier."""
+        cosine = self.features @ text.to(self.features.dtype).T
+        return cosine.transpose(1, 2).reshape(self.features.shape[0], -1, *self.grid).float()
+
+
+@dataclass
+class DenseClipState(ImageState):
+    """What :meth:`DenseClip.encode` keeps of an image.
+
+    resized: (h, w) of the resized image; windows: (where the batch lies, its features) per
+        window batch, or one (None, features of the whole image) without windows;
+    guide: (1, 3, h, w) the CLIP-normalised resized image, PAMR's guide (None without PAMR).
+    """
+
+    resized: tuple[int, int] = (0, 0)
+    windows: list[tuple[WindowBatch | None, WindowFeatures]] = field(default_factory=list)
+    guide: torch.Tensor | None = None
 
 
 def build_dense_clip(cfg) -> DenseClip:

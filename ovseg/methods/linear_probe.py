@@ -25,9 +25,10 @@ from torch import nn
 from ovseg.config.schema import InferenceConfig
 from ovseg.encoders.clip import ClipEncoder
 from ovseg.errors import ConfigError, VocabularyError
-from ovseg.layers.resize import rescale_size, resize_image
+from ovseg.layers.attention import LAST_BLOCK_VARIANTS
+from ovseg.layers.resize import check_image, image_tensor, rescale_size, resize_image
 from ovseg.layers.windows import sliding_window_logits
-from ovseg.methods.base import Prediction
+from ovseg.methods.base import Prediction, labels_in_bands
 from ovseg.text import as_vocabulary
 
 FEATURE_MODE = "maskclip"  # dense features whose patches keep their own content
@@ -103,9 +104,10 @@ class LinearProbe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) CLIP-normalised images -> (B, C, h, w) logits on the patch grid."""
         with torch.no_grad():
-            out = self.clip(x, FEATURE_MODE)
-        batch, _, dim = out.features.shape
-        features = out.features.transpose(1, 2).reshape(batch, dim, *out.grid)
+            tokens, grid = LAST_BLOCK_VARIANTS[FEATURE_MODE](self.clip(x), self.clip)
+            patches = self.clip.project(tokens)[:, -grid[0] * grid[1]:]  # class token dropped
+        batch, _, dim = patches.shape
+        features = patches.transpose(1, 2).reshape(batch, dim, *grid)
         return self.classifier(features.to(self.classifier.weight.dtype))
 
     # ---- training ----------------------------------------------------------------------------
@@ -152,19 +154,22 @@ class LinearProbe(nn.Module):
                 f"{vocabulary.num_classes} classes ({', '.join(vocabulary.class_names[:5])}"
                 f"{', ...' if vocabulary.num_classes > 5 else ''})"
             )
+        check_image(image, "LinearProbe")
         height, width = image.shape[:2]
         settings = self.inference
         size = rescale_size(height, width, settings.short_side, settings.max_long_side)
-        pixels = torch.from_numpy(np.ascontiguousarray(resize_image(image, size)))
-        x = self.clip.normalize(pixels.to(self.device).permute(2, 0, 1)[None])
+        x = self.clip.normalize(image_tensor(image, size, self.device))
         logits = sliding_window_logits(
             x, self, crop=settings.crop, stride=settings.stride,
             window_batch=settings.window_batch, pad_multiple=settings.pad_multiple,
-        )
-        logits = F.interpolate(logits, size=(height, width), mode="bilinear",
-                               align_corners=False)[0]
-        probs = logits.softmax(dim=0)
-        return Prediction(probs.argmax(0).cpu().numpy(), probs.cpu(), list(self.class_names))
+        )[0].cpu()
+        labels = labels_in_bands(logits, (height, width), lambda band: band.argmax(0))
+        return Prediction(labels.numpy(), list(self.class_names), logits, _softmax_over_classes)
+
+
+def _softmax_over_classes(band: torch.Tensor) -> torch.Tensor:
+    """(C, ...) logits -> class probabilities."""
+    return band.softmax(dim=0)
 
 
 def build_linear_probe(cfg) -> LinearProbe:

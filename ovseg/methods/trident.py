@@ -11,7 +11,7 @@ Training-free open-vocabulary segmentation (arXiv 2411.09219; ``specs/trident.md
    ``aggregate_with_sam``); Cityscapes aggregates each image half on its own
    (``cityscapes_halves``, step 7);
 5. score with the text classifier (``score_with_text``), upsample, softmax over all names;
-6. a class scores the max over its names (``apply_background_rule``), threshold to label 0;
+6. a class scores the max over its names (``ovseg.layers.labels``), threshold to label 0;
 8. refine the labels with SAM prompted by each connected component (``refine_with_sam``).
 
 Memory is bounded by the window batch (CLIP/DINO) and the SAM row chunk (attention), not by
@@ -21,20 +21,25 @@ the image size; full-resolution maps are built a band of rows at a time.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ovseg.config.trident_schema import TRIDENT_COMPAT, TridentConfig
-from ovseg.encoders.clip import OPENAI_MEAN, OPENAI_STD, ClipEncoder
+from ovseg.config.schema import InferenceConfig
+from ovseg.encoders.clip import ClipEncoder
 from ovseg.encoders.dino import DinoEncoder
 from ovseg.encoders.sam import SamEncoder, SamFeatures, attention_in_chunks
 from ovseg.errors import ConfigError
-from ovseg.layers.chunked_resize import map_resized_bands
+from ovseg.layers.attention import proxy_last_block
+from ovseg.layers.chunked_resize import bilinear_matrix
 from ovseg.layers.components import connected_components
-from ovseg.layers.resize import rescale_size, resize_image
+from ovseg.layers.labels import class_probabilities as scored_classes
+from ovseg.layers.labels import labels_from_probabilities
+from ovseg.layers.resize import check_image, image_tensor, rescale_size, resize_image
 from ovseg.layers.sam_prompts import (
     best_point,
     box_prompt,
@@ -43,21 +48,56 @@ from ovseg.layers.sam_prompts import (
     point_prompt,
     prompt_scale,
 )
-from ovseg.layers.windows import Window, cut_windows, window_counts, window_grid
-from ovseg.methods.base import Prediction
+from ovseg.layers.windows import Window, cut_windows, splice_windows, window_grid
+from ovseg.methods.base import BAND_ROWS, ImageState, Prediction, labels_in_bands
 from ovseg.methods.common import (
     TextClassifiers,
     clip_from_config,
     dino_from_config,
+    sam_from_config,
     settings_from_config,
 )
-from ovseg.methods.dense_clip import labels_from_probabilities
 from ovseg.methods.device import resolve_device
 from ovseg.text import Vocabulary, as_vocabulary, get_templates
-from ovseg.text.vocabulary import max_over_synonyms
 
-# rows of a full-resolution map built at a time (class probabilities, the refined labels)
-BAND_ROWS = 64
+TRIDENT_COMPAT = ("fixed", "reference")
+
+
+@dataclass
+class TridentConfig:
+    """``cfg.model.trident``: every default of specs/trident.md after the resize and windows.
+
+    Steps 0-1 (short side, max long side, crop 336, stride, window batch) are read from
+    ``cfg.model.inference``, the one place every 2D method keeps them; the Trident values are
+    set by ``configs/trident/trident_vitb16.yaml``. The per-benchmark values (short side, stride,
+    cos_fac, thresholds) are set by the files in ``configs/trident/``; the defaults here are the
+    authors' code defaults where the spec names one, else the VOC-21 row.
+    """
+
+    # step 2: ProxyCLIP attention from DINO, A = softmax(gamma * (S - beta * m)), m over all windows
+    gamma: float = 3.0
+    beta: float = 1.2
+    # step 4: SAM correlation. Per query t_i = min(cos_fac * mean cos, cos_cap); keep cos > t_i
+    cos_fac: float = 1.2
+    cos_cap: float = 0.9
+    # false (Cityscapes, ADE20K): a negative t_i becomes neg_cos_value
+    refine_neg_cos: bool = True
+    neg_cos_value: float = 0.6
+    sam_chunk_rows: int = 512  # SAM query rows per attention chunk: bounds its memory
+    # steps 5-6: softmax(logit_scale * cos) over all names; top probability < prob_thd -> label 0
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    # step 7: SAM on the left and right halves of the image (Cityscapes)
+    cityscapes_halves: bool = False
+    # step 8: SAM refinement of the coarse labels (the one on/off switch)
+    refine: bool = True
+    coarse_thresh: float = 0.10  # ct: pixels and classes below it are not refined
+    min_component: int = 225  # pixels (at half resolution) of the smallest refined component
+    iou_thresh: float = 0.8  # keep SAM's mask when its predicted IoU is above this
+    mask_prompt_scale: float = 0.005  # mask prompt = probability x this where probability > ct
+    # "fixed": the spec's known faults corrected; "reference": refinement prompts scaled from
+    # the half-resolution size and the mask prompt passed unbatched, as the authors' code does
+    compat: str = "fixed"
 
 
 # ---- step 0: scale ---------------------------------------------------------------------------
@@ -88,17 +128,15 @@ def processed_size(height: int, width: int, patch: int, min_side: int) -> tuple[
     return max(rounded_up(height), min_side), max(rounded_up(width), min_side)
 
 
-def scale_image(image: np.ndarray, clip: ClipEncoder, settings: TridentConfig) -> torch.Tensor:
+def scale_image(image: np.ndarray, clip: ClipEncoder, inference: InferenceConfig) -> torch.Tensor:
     """Step 0: an (H, W, 3) uint8 RGB image -> (1, 3, H', W') CLIP-normalised float32 input.
 
     mmseg's keep-ratio resize to (max_long_side, short_side) (cv2 bilinear, mmcv rounding),
-    then :func:`processed_size`.
+    then :func:`processed_size` with the crop as the smallest side.
     """
-    size = rescale_size(*image.shape[:2], settings.short_side, settings.max_long_side)
-    resized = resize_image(image, size)
-    pixels = torch.from_numpy(np.ascontiguousarray(resized)).to(clip.mean.device)
-    pixels = pixels.permute(2, 0, 1)[None].float()
-    target = processed_size(*size, clip.patch_size, settings.crop)
+    size = rescale_size(*image.shape[:2], inference.short_side, inference.max_long_side)
+    pixels = image_tensor(image, size, clip.mean.device).float()
+    target = processed_size(*size, clip.patch_size, inference.crop)
     if target != size:
         # guess: the second resize is torch bilinear (align_corners=False) on the tensor; it
         # commutes with the per-channel normalisation, so it may come before it
@@ -123,7 +161,7 @@ def trident_windows(height: int, width: int, crop: int, stride: int, patch: int)
         if value % patch:
             raise ConfigError(
                 f"Trident needs the {name} ({value}) to be a multiple of the CLIP patch size "
-                f"{patch}; set model.trident.crop/stride to multiples of {patch}"
+                f"{patch}; set model.inference.crop/stride to multiples of {patch}"
             )
     return window_grid(height, width, crop, stride)
 
@@ -182,55 +220,22 @@ def proxy_window_features(
     tokens: list[torch.Tensor] = []
     dino_grid: tuple[int, int] = (0, 0)
     for batch in batches:
-        features = dino(dino.renormalize(cut_windows(x, batch), OPENAI_MEAN, OPENAI_STD))
+        features = dino(dino.from_clip_normalized(cut_windows(x, batch)))
         tokens.append(features.tokens)
         dino_grid = tuple(features.grid)
     mean = proxy_similarity_mean(tokens)
     patch = clip.patch_size
     for batch, batch_tokens in zip(batches, tokens, strict=True):
         crops = cut_windows(x, batch)
-        out = clip(
-            crops, "proxy", proxy_tokens=batch_tokens, proxy_grid=dino_grid,
-            proxy_gamma=gamma, proxy_beta=beta, proxy_mean=mean,
+        last, _ = proxy_last_block(
+            clip(crops), clip, proxy_tokens=batch_tokens, proxy_grid=dino_grid, gamma=gamma,
+            beta=beta, mean=mean,
         )
-        last = out.last_block_output
         maps = last.transpose(1, 2).reshape(last.shape[0], last.shape[2], *dino_grid).float()
         clip_grid = (crops.shape[-2] // patch, crops.shape[-1] // patch)
         if tuple(maps.shape[-2:]) != clip_grid:
             maps = F.interpolate(maps, size=clip_grid, mode="bilinear", align_corners=False)
         yield to_patch_grid(batch, patch), maps
-
-
-# ---- step 3: splice --------------------------------------------------------------------------
-def splice_windows(
-    batches: Iterable[tuple[Sequence[Window], torch.Tensor]], size: tuple[int, int]
-) -> torch.Tensor:
-    """Step 3: sum window maps at their offsets on one canvas and divide by the cover count.
-
-    Batches are added as they come, so only one batch of windows is alive beside the canvas.
-
-    Args:
-        batches: (windows, maps) pairs; windows (y0, x0, y1, x1) in canvas cells, maps
-            (B, D, y1 - y0, x1 - x0), one per window.
-        size: (h, w) of the canvas.
-
-    Returns:
-        (D, h, w) float32 on the maps' device.
-    """
-    canvas: torch.Tensor | None = None
-    placed: list[Window] = []
-    for windows, maps in batches:
-        if canvas is None:
-            canvas = torch.zeros((maps.shape[1], *size), dtype=torch.float32, device=maps.device)
-        for window_map, (y0, x0, y1, x1) in zip(maps, windows, strict=True):
-            canvas[:, y0:y1, x0:x1] += window_map.float()
-        placed.extend(windows)
-    if canvas is None:
-        raise ValueError("splice_windows got no windows")
-    counts = window_counts(placed, size, canvas.device)[0]
-    if bool((counts == 0).any()):
-        raise ValueError("the windows leave canvas cells uncovered")
-    return canvas.div_(counts)
 
 
 # ---- step 4: SAM correlation -----------------------------------------------------------------
@@ -454,27 +459,12 @@ def score_with_text(
     return cosine.T.reshape(-1, height, width).float()
 
 
-def apply_background_rule(name_probabilities: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
-    """Step 6: each class takes the max of its names' probabilities (the background's several
-    words, and any foreground synonyms alike).
-
-    Args:
-        name_probabilities: (N_names, ...) softmax over all names.
-
-    Returns:
-        (C, ...) class probabilities.
-    """
-    return max_over_synonyms(
-        name_probabilities, vocabulary.name_to_class.to(name_probabilities.device),
-        vocabulary.num_classes,
-    )
-
-
 def class_probabilities(
     cosine: torch.Tensor, size: tuple[int, int], logit_scale: float, vocabulary: Vocabulary
 ) -> torch.Tensor:
-    """Steps 5-6 at the output size: upsample the cosines bilinearly, softmax(logit_scale * cos)
-    over all names, max over each class's names; a band of rows at a time.
+    """Steps 5-6 at the output size, as a whole map (tests; ``predict`` works in bands):
+    upsample the cosines bilinearly, softmax(logit_scale * cos) over all names, max over each
+    class's names (the background's several words, and any foreground synonyms alike).
 
     Args:
         cosine: (N_names, h, w) on SAM's grid.
@@ -483,21 +473,10 @@ def class_probabilities(
     Returns:
         (C, H, W) float32 on the CPU.
     """
-    return map_resized_bands(
-        cosine, size,
-        lambda band: apply_background_rule((logit_scale * band).softmax(dim=0), vocabulary),
-        vocabulary.num_classes, BAND_ROWS,
-    )
-
-
-def thresholded_labels(probs: torch.Tensor, prob_thd: float) -> torch.Tensor:
-    """Step 6's argmax of (C, H, W) probabilities, pixels under ``prob_thd`` -> 0: (H, W) int64,
-    a band of rows at a time (the full-size temporaries would outweigh the labels)."""
-    labels = torch.empty(probs.shape[1:], dtype=torch.int64)
-    for start in range(0, probs.shape[1], BAND_ROWS):
-        rows = slice(start, min(start + BAND_ROWS, probs.shape[1]))
-        labels[rows] = labels_from_probabilities(probs[:, rows], prob_thd)
-    return labels
+    return Prediction(
+        np.zeros(size, dtype=np.int64), vocabulary.class_names, cosine,
+        partial(scored_classes, vocabulary=vocabulary, logit_scale=logit_scale),
+    ).probabilities()
 
 
 # ---- step 8: refinement ----------------------------------------------------------------------
@@ -506,22 +485,56 @@ def nearest_index(out_size: int, in_size: int) -> torch.Tensor:
     return torch.arange(out_size) * in_size // out_size
 
 
+def half_size(height: int, width: int) -> tuple[int, int]:
+    """Step 8's working size: half of each side, at least 1."""
+    # guess: half size floors, as scale_factor=0.5 does
+    return max(height // 2, 1), max(width // 2, 1)
+
+
+def half_resolution_bands(
+    bands: Iterable[tuple[slice, torch.Tensor]], size: tuple[int, int]
+) -> torch.Tensor:
+    """Bilinear (align_corners=False) downsampling of a (C, H, W) map given a band of rows at a
+    time to :func:`half_size`: (C, h, w) float32, without the whole map ever in memory.
+
+    Columns go through ``F.interpolate`` per band; each half-size row is the weighted sum of
+    its two source rows, added as their band arrives.
+    """
+    height, width = size
+    out_h, out_w = half_size(height, width)
+    weights = bilinear_matrix(out_h, height)  # (h, H): at most two non-zeros per row
+    out: torch.Tensor | None = None
+    for rows, band in bands:
+        band = band.float()
+        columns = F.interpolate(band[None], size=(band.shape[1], out_w), mode="bilinear",
+                                align_corners=False)[0]  # (C, rows, w)
+        if out is None:
+            out = torch.zeros((band.shape[0], out_h, out_w), dtype=torch.float32)
+        part = weights[:, rows]  # (h, rows)
+        touched = part.abs().sum(dim=1).nonzero().flatten()
+        out[:, touched] += torch.einsum("hr,crw->chw", part[touched], columns)
+    assert out is not None
+    return out
+
+
 def half_resolution(
-    labels: torch.Tensor, probs: torch.Tensor
+    labels: torch.Tensor, probs: torch.Tensor | Iterable[tuple[slice, torch.Tensor]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 8's input: labels (nearest) and probabilities (bilinear) at half the size.
 
     Args:
-        labels: (H, W) int64; probs: (C, H, W) float32.
+        labels: (H, W) int64; probs: (C, H, W) float32, or its bands as (row slice, (C, rows,
+            W)) pairs (:meth:`Prediction.bands`), so that the full map need not exist.
 
     Returns:
-        (h, w) int64 and (C, h, w) float32, (h, w) = (H // 2, W // 2), at least 1.
+        (h, w) int64 and (C, h, w) float32, (h, w) = :func:`half_size`.
     """
     height, width = labels.shape
-    # guess: half size floors, as scale_factor=0.5 does
-    size = (max(height // 2, 1), max(width // 2, 1))
-    half_probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
-    rows, cols = nearest_index(size[0], height), nearest_index(size[1], width)
+    if isinstance(probs, torch.Tensor):
+        probs = [(slice(0, height), probs)]
+    half_probs = half_resolution_bands(probs, (height, width))
+    out_h, out_w = half_probs.shape[1:]
+    rows, cols = nearest_index(out_h, height), nearest_index(out_w, width)
     return labels[rows[:, None], cols[None, :]], half_probs
 
 
@@ -648,6 +661,7 @@ class Trident(nn.Module):
         dino: DinoEncoder,
         sam: SamEncoder,
         settings: TridentConfig,
+        inference: InferenceConfig,
         templates: list[str],
         text_cache_dir: str | None = None,
     ):
@@ -658,19 +672,26 @@ class Trident(nn.Module):
             )
         patch = clip.patch_size
         for key in ("crop", "stride"):
-            value = getattr(settings, key)
+            value = getattr(inference, key)
             if value <= 0 or value % patch:
                 raise ConfigError(
-                    f"model.trident.{key}: {value} must be a positive multiple of the CLIP "
-                    f"patch size {patch}"
+                    f"model.inference.{key}: {value} must be a positive multiple of the CLIP "
+                    f"patch size {patch} for Trident"
                 )
-        for key in ("window_batch", "sam_chunk_rows"):
-            if getattr(settings, key) < 1:
-                raise ConfigError(f"model.trident.{key} must be at least 1")
+        if inference.pad_multiple:
+            raise ConfigError(
+                f"model.inference.pad_multiple: {inference.pad_multiple}; Trident's windows sit "
+                "on the CLIP grid and are never padded: set it to 0"
+            )
+        if inference.window_batch < 1:
+            raise ConfigError("model.inference.window_batch must be at least 1")
+        if settings.sam_chunk_rows < 1:
+            raise ConfigError("model.trident.sam_chunk_rows must be at least 1")
         self.clip = clip
         self.dino = dino
         self.sam = sam
         self.settings = settings
+        self.inference = inference
         self.text_classifier = TextClassifiers(clip, templates, text_cache_dir)
 
     @property
@@ -679,12 +700,12 @@ class Trident(nn.Module):
 
     def spliced_features(self, x: torch.Tensor) -> torch.Tensor:
         """Steps 1-3: (1, 3, H', W') processed image -> (D, H'/p, W'/p) spliced canvas."""
-        settings = self.settings
+        settings, inference = self.settings, self.inference
         patch = self.clip.patch_size
         height, width = x.shape[-2:]
-        windows = trident_windows(height, width, settings.crop, settings.stride, patch)
+        windows = trident_windows(height, width, inference.crop, inference.stride, patch)
         batches = proxy_window_features(
-            self.clip, self.dino, x, windows, window_batch=settings.window_batch,
+            self.clip, self.dino, x, windows, window_batch=inference.window_batch,
             gamma=settings.gamma, beta=settings.beta,
         )
         return splice_windows(batches, (height // patch, width // patch))
@@ -709,53 +730,87 @@ class Trident(nn.Module):
         return cityscapes_halves(canvas, halves, split, self.sam.patch_size, settings), None
 
     @torch.inference_mode()
-    def predict(self, image: np.ndarray, vocabulary) -> Prediction:
-        """Segment an (H, W, 3) uint8 RGB image into the classes of ``vocabulary``.
-
-        ``vocabulary``: a Vocabulary, an inline string ("cat, dog; puppy, sky") or a list; every
-        class may list several names (VOC's background words included) and scores their max.
-
-        Returns:
-            :class:`Prediction`: labels (H, W) int64 after refinement (when on); logits (C, H, W)
-            float32 class probabilities of steps 5-6 (before refinement).
-        """
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"Trident.predict expects an (H, W, 3) uint8 RGB image, got {image.shape} "
-                f"{image.dtype}"
-            )
-        vocabulary = as_vocabulary(vocabulary)
-        settings = self.settings
-        text = self.text_classifier(vocabulary.names)
-        size = (int(image.shape[0]), int(image.shape[1]))
-        canvas = self.spliced_features(scale_image(image, self.clip, settings))
+    def encode(self, image: np.ndarray) -> TridentState:
+        """Steps 0-4 (and 7) of an (H, W, 3) uint8 RGB image: all that does not depend on the
+        vocabulary (CLIP, DINO and SAM forwards), kept for :meth:`predict`."""
+        check_image(image, "Trident")
+        canvas = self.spliced_features(scale_image(image, self.clip, self.inference))
         sam_image = sam_input_image(image, self.clip.patch_size)
         aggregated, features = self.aggregate(canvas, sam_image)
         del canvas
-        cosine = score_with_text(aggregated, self.clip, text)
-        probs = class_probabilities(cosine, size, settings.logit_scale, vocabulary)
-        labels = thresholded_labels(probs, settings.prob_thd)
+        if self.settings.refine and features is None:
+            features = self.sam_features(sam_image)  # Cityscapes: SAM again on the whole image
+        return TridentState(
+            size=(int(image.shape[0]), int(image.shape[1])), aggregated=aggregated,
+            sam_features=features if self.settings.refine else None,
+        )
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        image: np.ndarray | TridentState,
+        vocabulary,
+        classifier: torch.Tensor | None = None,
+    ) -> Prediction:
+        """Segment an image, or the :class:`TridentState` of one, into the classes of
+        ``vocabulary``.
+
+        Args:
+            image: (H, W, 3) uint8 RGB, or ``encode(image)`` (then no encoder runs again).
+            vocabulary: a Vocabulary, an inline string ("cat, dog; puppy, sky") or a list;
+                every class may list several names (VOC's background words included) and
+                scores their max.
+            classifier: (N_names, E) L2-normalised text embeddings of the vocabulary's names,
+                precomputed; None = from the text encoder (cached per vocabulary).
+
+        Returns:
+            :class:`Prediction`: labels (H, W) int64 after refinement (when on); the scores are
+            the name cosines on SAM's grid, whose probabilities (steps 5-6) are before
+            refinement.
+        """
+        state = image if isinstance(image, TridentState) else self.encode(image)
+        vocabulary = as_vocabulary(vocabulary)
+        settings = self.settings
+        text = self.text_classifier(vocabulary.names) if classifier is None else classifier
+        cosine = score_with_text(state.aggregated, self.clip, text).cpu()
+        to_probabilities = partial(scored_classes, vocabulary=vocabulary,
+                                   logit_scale=settings.logit_scale)
+        labels = labels_in_bands(
+            cosine, state.size,
+            lambda band: labels_from_probabilities(to_probabilities(band), settings.prob_thd),
+        )
+        prediction = Prediction(labels.numpy(), vocabulary.class_names, cosine, to_probabilities)
         if settings.refine:
-            if features is None:  # Cityscapes: SAM is set again on the whole image
-                features = self.sam_features(sam_image)
-            half_labels, half_probs = half_resolution(labels, probs)
-            refined, decided = refine_with_sam(self.sam, features, half_labels, half_probs,
-                                               settings)
-            labels = merge_refined_labels(labels, refined, decided)
-        return Prediction(labels.numpy(), probs, vocabulary.class_names)
+            half_labels, half_probs = half_resolution(labels, prediction.bands())
+            refined, decided = refine_with_sam(self.sam, state.sam_features, half_labels,
+                                               half_probs, settings)
+            prediction.labels = merge_refined_labels(labels, refined, decided).numpy()
+        return prediction
+
+
+@dataclass
+class TridentState(ImageState):
+    """What :meth:`Trident.encode` keeps of an image.
+
+    aggregated: (D, hs, ws) float32 CLIP features after the splice and SAM aggregation (step 4),
+        before ln_post; the vocabulary only enters after them.
+    sam_features: SAM features of the whole image for the refinement (None when it is off).
+    """
+
+    aggregated: torch.Tensor = None  # type: ignore[assignment]
+    sam_features: SamFeatures | None = None
 
 
 def build_trident(cfg) -> Trident:
     """Build :class:`Trident` from a full config (``cfg.model``, ``cfg.text``)."""
-    from ovseg.encoders import build_sam
-
     model_cfg = cfg.model
     device = resolve_device(model_cfg.device)
     return Trident(
         clip_from_config(model_cfg, device),
         dino_from_config(model_cfg, device),
-        build_sam(model_cfg.sam.arch, model_cfg.sam.weights).to(device),
+        sam_from_config(model_cfg, device),
         settings_from_config(model_cfg.trident, TridentConfig),
+        settings_from_config(model_cfg.inference, InferenceConfig),
         get_templates(cfg.text.templates),
         text_cache_dir=cfg.text.cache_dir or None,
     )

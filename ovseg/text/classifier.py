@@ -7,10 +7,8 @@ depends on no model library; ``ovseg/encoders`` supplies the callable and the ``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ovseg.errors import ConfigError, VocabularyError
+from ovseg.io import atomic_path, sha256_bytes
 
 CACHE_ENV_VAR = "OVSEG_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/ovseg")
@@ -52,7 +51,7 @@ def text_cache_key(model_id: str, templates: Sequence[str], names: Sequence[str]
         ensure_ascii=False,
         separators=(",", ":"),
     )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return sha256_bytes(payload.encode("utf-8"))
 
 
 def build_text_classifier(
@@ -183,24 +182,17 @@ def _read_cache(path: Path, names: list[str]) -> Tensor | None:
 def _write_cache(
     path: Path, classifier: Tensor, model_id: str, templates: list[str], names: list[str]
 ) -> None:
-    """Write atomically (temp file in the same folder + os.replace); warn once if impossible."""
+    """Write atomically (``ovseg.io.atomic_path``); warn once per folder if impossible."""
     metadata = {
         "format": _CACHE_FORMAT,
         "model_id": model_id,
         "templates": json.dumps(templates, ensure_ascii=False),
         "names": json.dumps(names, ensure_ascii=False),
     }
-    tmp_path: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(
-            prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent
-        )
-        os.close(fd)
-        save_file({_TENSOR_KEY: classifier}, tmp_path, metadata=metadata)
         # readers in other processes see either no file or a complete one
-        os.replace(tmp_path, path)
-        tmp_path = None
+        with atomic_path(path) as temporary:
+            save_file({_TENSOR_KEY: classifier}, str(temporary), metadata=metadata)
     except Exception as error:
         folder = str(path.parent)
         if folder not in _warned_dirs:
@@ -211,9 +203,3 @@ def _write_cache(
                 "embeddings.",
                 stacklevel=3,
             )
-    finally:
-        if tmp_path is not None:
-            try:
-                os.unlink(tmp_path)
-            except OSError:
-                pass

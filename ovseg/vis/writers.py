@@ -1,4 +1,4 @@
-"""Output writers (label PNGs, RGB PNGs, JSON), all atomic through ``atomic_path``.
+"""Output writers (label PNGs, RGB PNGs, JSON), all atomic through ``ovseg.io.atomic_path``.
 
 Each writer writes a temporary file in the destination's folder and renames it over the
 destination only when the write succeeded, so an interrupted or failed write never leaves a
@@ -7,52 +7,29 @@ half-written file under the final name (and never destroys an older complete one
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+# atomic_path stays importable from here (and ovseg.vis): writers and prepare scripts use it
+from ovseg.io import atomic_path
+
+__all__ = [
+    "atomic_path",
+    "class_fractions",
+    "write_json",
+    "write_label_png",
+    "write_rgb_png",
+]
+
 # labels above this need 16-bit PNGs; 255 stays free in 8-bit files for an ignore value
 _MAX_UINT8_CLASSES = 255
 _MAX_UINT16_CLASSES = 65536
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Give a temporary path to write; on success it replaces ``path``, on failure it is removed.
-
-    The temporary file lies in the same folder as ``path`` (so the final ``os.replace`` is an
-    atomic rename on one file system) and keeps its extension (so writers that choose the
-    format by extension, like ``cv2.imwrite``, write the right one). The folder is created if
-    needed. The file is flushed to disk before the rename, so a crash cannot leave an empty
-    file under the final name.
-
-    Yields:
-        the temporary path; the block must create the file there.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name per call instead of tempfile.mkstemp: mkstemp's 0600 mode would stick to
-    # the final file, while creating it normally honours the user's umask
-    temporary = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:12]}.tmp{final.suffix}")
-    try:
-        yield temporary
-        if not temporary.is_file():
-            raise OSError(f"writing {final} failed: no file was written")
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
-    except BaseException:
-        # BaseException too: Ctrl-C during a write must not leave the temporary file behind
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        raise
 
 
 def _check_labels(labels: np.ndarray, num_classes: int) -> None:

@@ -1,0 +1,106 @@
+"""Benchmark of output memory: peak RSS of a 12000x12000 image against a 1024x1024 one.
+
+Prints, for dense_clip (MaskCLIP, CLIP ViT-B/16) and Trident (CLIP ViT-B/16 + DINO ViT-B/16 +
+SAM ViT-B, coarse prediction: refinement off), all with random weights and the 150 ADE20K
+classes (one template each, so the text encoder does not dominate the run), the peak memory of
+one predict on a 1024^2 and a 12000^2 image, each in a fresh child process, and their ratio.
+The input image (3 bytes a pixel) and the int64 label map that ``predict`` returns (8 bytes a
+pixel) are part of every peak; a second ratio leaves those two out.
+
+    python bench/memory.py [--device cuda] [--sides 1024 12000] [--methods dense_clip trident]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ovseg
+
+CONFIGS = {
+    "dense_clip": ("dense_clip/maskclip_vitb16.yaml", ["model.clip.weights", "random"]),
+    "trident": ("trident/voc_21.yaml", [
+        "model.clip.weights", "random", "model.dino.weights", "random",
+        "model.sam.weights", "random", "model.trident.refine", "false",
+    ]),
+}
+CLASS_FILE = Path(ovseg.__file__).parent / "data" / "classes" / "ade20k_150.txt"
+
+
+def build(method: str, device: str, cache_dir: str):
+    path, overrides = CONFIGS[method]
+    overrides = [*overrides, "model.device", device, "text.templates", "single",
+                 "text.cache_dir", cache_dir]
+    return ovseg.build_model(ovseg.get_config(path, overrides))
+
+
+def random_image(side: int) -> np.ndarray:
+    """A side x side uint8 RGB image made by tiling a random 1000^2 one (no big temporaries)."""
+    tile = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    reps = -(-side // 1000)
+    return np.ascontiguousarray(np.tile(tile, (reps, reps, 1))[:side, :side])
+
+
+def child(args) -> None:
+    model = build(args.method, args.device, args.cache_dir)
+    classes = CLASS_FILE.read_text(encoding="utf-8").split("\n")
+    classes = [c for c in classes if c.strip()]
+    model.text_classifier(ovseg.text.as_vocabulary(classes).names)
+    image = random_image(args.child_side)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    result = model.predict(image, classes)
+    assert result.labels.shape == image.shape[:2]
+    if args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"peak_mib": peak, "io_mib": (image.nbytes + result.labels.nbytes) / 2**20}))
+
+
+def peak_memory(args, method: str, side: int) -> dict:
+    command = [sys.executable, __file__, "--child-side", str(side), "--method", method,
+               "--device", args.device, "--cache-dir", args.cache_dir]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sides", type=int, nargs=2, default=[1024, 12000])
+    parser.add_argument("--methods", nargs="+", default=sorted(CONFIGS), choices=sorted(CONFIGS))
+    parser.add_argument("--cache-dir", default="")
+    parser.add_argument("--method", default="dense_clip", help=argparse.SUPPRESS)
+    parser.add_argument("--child-side", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_side:
+        return child(args)
+    with tempfile.TemporaryDirectory() as cache:
+        args.cache_dir = args.cache_dir or cache
+        small_side, large_side = args.sides
+        print(f"device: {args.device}; 150 classes; random weights")
+        for method in args.methods:
+            small = peak_memory(args, method, small_side)
+            large = peak_memory(args, method, large_side)
+            print(f"{method} peak memory {small_side}^2 (MiB): {small['peak_mib']:.0f}")
+            print(f"{method} peak memory {large_side}^2 (MiB): {large['peak_mib']:.0f}")
+            print(f"{method} input image + int64 labels {large_side}^2 (MiB): "
+                  f"{large['io_mib']:.0f}")
+            ratio = large["peak_mib"] / small["peak_mib"]
+            print(f"{method} memory ratio: {ratio:.3f} (goal <= 1.5)")
+            inner = ((large["peak_mib"] - large["io_mib"])
+                     / (small["peak_mib"] - small["io_mib"]))
+            print(f"{method} memory ratio without image and labels: {inner:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""File input/output shared by every layer: atomic writes, sha256, safe state-dict loading.
+
+Atomic writes go to a temporary file in the destination's folder, which is flushed to disk and
+renamed over the destination only when the write succeeded, so readers (and a process that
+resumes after a crash) see the old file or the new one, never part of one, and a failed or
+interrupted write leaves no temporary file behind. State dicts are read with
+``torch.load(weights_only=True)`` or safetensors, never by unpickling code.
+
+The bottom layer of the package: it imports nothing of ovseg but ``ovseg.errors``, and torch
+only when a state dict is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ovseg.errors import WeightsError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "describe_mismatch",
+    "load_state_dict_file",
+    "sha256_bytes",
+    "sha256_file",
+]
+
+# checkpoints often wrap the state dict in one of these keys
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+_HASH_BLOCK = 1 << 20
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(directory: Path) -> None:
+    # a rename is durable only once the directory entry is on disk
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[Path]:
+    """Give a temporary path to write; on success it replaces ``path``, on failure it is removed.
+
+    The temporary file lies in the same folder as ``path`` (so the final ``os.replace`` is an
+    atomic rename on one file system) and keeps its extension (so writers that choose the
+    format by extension, like ``cv2.imwrite``, write the right one). The folder is created if
+    needed. The file is flushed to disk before the rename, so a crash cannot leave an empty
+    file under the final name, and the folder after it, so the rename itself survives a crash.
+
+    Args:
+        path: the destination.
+        mode: permission bits for the file (e.g. ``0o644``); default: whatever the writer
+            creates, i.e. the user's umask.
+
+    Yields:
+        the temporary path; the block must create the file there.
+
+    Raises:
+        OSError: the block wrote no file, or creating, syncing or renaming it failed.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh name per call instead of tempfile.mkstemp: mkstemp's 0600 mode would stick to
+    # the final file, while creating it normally honours the user's umask
+    temporary = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:12]}.tmp{final.suffix}")
+    try:
+        yield temporary
+        if not temporary.is_file():
+            raise OSError(f"writing {final} failed: no file was written")
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(temporary, mode)
+        os.replace(temporary, final)
+    except BaseException:
+        # BaseException too: Ctrl-C during a write must not leave the temporary file behind
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        raise
+    _fsync_dir(final.parent)
+
+
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes, mode: int | None = None
+) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`); returns the path."""
+    with atomic_path(path, mode) as temporary:
+        temporary.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(
+    path: str | os.PathLike[str], text: str, mode: int | None = None, encoding: str = "utf-8"
+) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`); returns the path."""
+    return atomic_write_bytes(path, text.encode(encoding), mode)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def sha256_bytes(data: bytes) -> str:
+    """The sha256 hex digest of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The sha256 hex digest of the file at ``path``, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``).
+
+    A dict wrapping the weights under ``state_dict``/``model``/``module`` is unwrapped.
+
+    Raises:
+        WeightsError: the file is missing, unreadable (corrupt, truncated, a pickle with code
+            in it) or holds no dict of tensors.
+    """
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"weights file {path} does not exist; download the checkpoint on a machine with "
+            "network access and pass its local path"
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = _torch_load(path)
+    except Exception as exc:  # corrupt or truncated file, or a pickle with code in it
+        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+    for key in _WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {path} does not hold a state dict of tensors")
+    return state
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; OpenAI's CLIP files are TorchScript archives instead."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError as exc:
+        if "TorchScript" not in str(exc):
+            raise
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+
+
+def describe_mismatch(
+    required: Mapping[str, torch.Tensor],
+    known: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    listed: int = 5,
+) -> list[str]:
+    """What keeps ``state`` from loading, as parts of an error message (empty when it fits).
+
+    required: keys ``state`` must hold; known: every key the model has, with its tensor.
+    """
+    missing = sorted(set(required) - set(state))
+    unexpected = sorted(set(state) - set(known))
+    wrong_shape = sorted(
+        f"{key} (file {tuple(state[key].shape)}, model {tuple(known[key].shape)})"
+        for key in set(state) & set(known)
+        if tuple(state[key].shape) != tuple(known[key].shape)
+    )
+
+    def names(keys: list[str]) -> str:
+        more = f" and {len(keys) - listed} more" if len(keys) > listed else ""
+        return ", ".join(keys[:listed]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {names(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {names(unexpected)}")
+    if wrong_shape:
+        parts.append(f"shape mismatches: {names(wrong_shape)}")
+    return parts
