@@ -277,9 +277,6 @@ def package_imports() -> list[Import]:
 
 
 def test_imports_point_down_the_layers(package_imports: list[Import]) -> None:
-    # known failure until fixed (issue 17): config/loader.py configs_dir() does `import ovseg`
-    # (the facade) for its __file__; Path(__file__).resolve().parents[2] needs no import.
-    # It fails test_no_import_circles too. Delete this comment with the fix; keep the asserts.
     problems = layer_violations(package_imports)
     assert not problems, "\n".join(problems)
 

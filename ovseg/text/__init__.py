@@ -1,11 +1,11 @@
 """Text side of open-vocabulary models: prompt templates, vocabularies, text classifiers."""
 
+from ovseg.layers.labels import max_over_synonyms  # where the label helpers live
 from ovseg.text.classifier import build_text_classifier, text_cache_dir, text_cache_key
 from ovseg.text.templates import TEMPLATE_SETS, get_templates
 from ovseg.text.vocabulary import (
     Vocabulary,
     as_vocabulary,
-    max_over_synonyms,
     parse_vocabulary,
     read_vocabulary_file,
 )

@@ -195,26 +195,3 @@ def as_vocabulary(
     )
 
 
-def max_over_synonyms(name_scores: Tensor, name_to_class: Tensor, num_classes: int) -> Tensor:
-    """Reduce per-name scores to per-class scores: each class takes the max over its names.
-
-    Args:
-        name_scores: (N_names, ...) float scores (e.g. probabilities), any trailing shape.
-        name_to_class: (N_names,) int64 class index of every name, in ``[0, num_classes)``.
-        num_classes: C, the number of classes; every class should have at least one name
-            (a class with none gets ``-inf``).
-
-    Returns:
-        (C, ...) scores, same dtype and device as ``name_scores``; differentiable.
-    """
-    if name_to_class.ndim != 1 or name_to_class.shape[0] != name_scores.shape[0]:
-        raise ValueError(
-            f"name_to_class has shape {tuple(name_to_class.shape)}; expected "
-            f"({name_scores.shape[0]},), one class index per row of name_scores "
-            f"{tuple(name_scores.shape)}"
-        )
-    trailing = name_scores.shape[1:]
-    index = name_to_class.to(device=name_scores.device, dtype=torch.long)
-    index = index.view(-1, *([1] * len(trailing))).expand_as(name_scores)
-    out = name_scores.new_full((num_classes, *trailing), float("-inf"))
-    return out.scatter_reduce(0, index, name_scores, reduce="amax", include_self=False)
