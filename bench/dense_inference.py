@@ -6,6 +6,7 @@ windows, their ratio, and the peak memory of a 1024^2 vs a 4096^2 image (each in
 process, so runs do not pollute each other).
 
     python bench/dense_inference.py [--device cuda] [--repeats 3] [--arch ViT-B-16]
+        [--precision fp32|fp16|bf16]
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ import torch
 from _memory import print_peak_memory_of_predict
 
 import ovseg
+from ovseg.encoders.precision import PRECISIONS
 from ovseg.layers import rescale_size, resize_image, window_grid
 from ovseg.layers.attention import maskclip_last_block
 
 VOCABULARY = "cat, dog, sky, grass, road"
 
 
-def build(arch: str, device: str, short_side: int):
+def build(arch: str, device: str, short_side: int, precision: str = "fp32"):
     overrides = [
         "model.clip.arch", arch, "model.clip.weights", "random", "model.dense_clip.mode",
         "maskclip", "model.inference.short_side", str(short_side), "model.device", device,
+        "model.precision", precision,
     ]
     return ovseg.build_model(ovseg.get_config("dense_clip/maskclip_vitb16.yaml", overrides))
 
@@ -72,13 +75,14 @@ def time_predict(model, image: np.ndarray, device: str) -> float:
 def peak_memory_child(args, side: int) -> float:
     """Run one predict on a side x side image in a fresh process; its peak memory in MiB."""
     command = [sys.executable, __file__, "--child-side", str(side), "--device", args.device,
-               "--arch", args.arch, "--short-side", str(args.short_side)]
+               "--arch", args.arch, "--short-side", str(args.short_side),
+               "--precision", args.precision]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])["peak_mib"]
 
 
 def child(args) -> None:
-    model = build(args.arch, args.device, args.short_side)
+    model = build(args.arch, args.device, args.short_side, args.precision)
     print_peak_memory_of_predict(model, args.child_side, VOCABULARY, args.device)
 
 
@@ -88,12 +92,14 @@ def main() -> None:
     parser.add_argument("--arch", default="ViT-B-16")
     parser.add_argument("--short-side", type=int, default=448)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                        help="model.precision: dtype of the image encoders")
     parser.add_argument("--child-side", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_side:
         return child(args)
     torch.manual_seed(0)
-    model = build(args.arch, args.device, args.short_side)
+    model = build(args.arch, args.device, args.short_side, args.precision)
     image = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), np.uint8)
     model.predict(image, VOCABULARY)  # warm-up; also fills the text-classifier cache
     totals, forwards = [], []
@@ -103,7 +109,7 @@ def main() -> None:
     total, forward = statistics.median(totals), statistics.median(forwards)
     print(f"device: {args.device}")
     print(f"model: {args.arch} maskclip, short side {args.short_side}, 1024x768 image, "
-          f"window batch {model.inference.window_batch}")
+          f"window batch {model.inference.window_batch}, precision {args.precision}")
     print(f"per-image time (s): {total:.3f}")
     print(f"clip forwards alone (s): {forward:.3f}")
     print(f"time ratio: {total / forward:.3f} (goal <= 1.10)")

@@ -8,6 +8,7 @@ The input image (3 bytes a pixel) and the int64 label map that ``predict`` retur
 pixel) are part of every peak; a second ratio leaves those two out.
 
     python bench/memory.py [--device cuda] [--sides 1024 12000] [--methods dense_clip trident]
+        [--precision fp32|fp16|bf16]
 """
 
 from __future__ import annotations
@@ -24,21 +25,22 @@ import numpy as np
 import torch
 
 import ovseg
+from ovseg.encoders.precision import PRECISIONS
 
 CONFIGS = {
     "dense_clip": ("dense_clip/maskclip_vitb16.yaml", ["model.clip.weights", "random"]),
     "trident": ("trident/voc_21.yaml", [
         "model.clip.weights", "random", "model.dino.weights", "random",
-        "model.sam.weights", "random", "model.trident.refine", "false",
+        "model.sam.weights", "random", "model.refine.enabled", "false",
     ]),
 }
 CLASS_FILE = Path(ovseg.__file__).parent / "data" / "classes" / "ade20k_150.txt"
 
 
-def build(method: str, device: str, cache_dir: str):
+def build(method: str, device: str, cache_dir: str, precision: str = "fp32"):
     path, overrides = CONFIGS[method]
     overrides = [*overrides, "model.device", device, "text.templates", "single",
-                 "text.cache_dir", cache_dir]
+                 "text.cache_dir", cache_dir, "model.precision", precision]
     return ovseg.build_model(ovseg.get_config(path, overrides))
 
 
@@ -50,7 +52,7 @@ def random_image(side: int) -> np.ndarray:
 
 
 def child(args) -> None:
-    model = build(args.method, args.device, args.cache_dir)
+    model = build(args.method, args.device, args.cache_dir, args.precision)
     classes = CLASS_FILE.read_text(encoding="utf-8").split("\n")
     classes = [c for c in classes if c.strip()]
     model.text_classifier(ovseg.text.as_vocabulary(classes).names)
@@ -68,7 +70,8 @@ def child(args) -> None:
 
 def peak_memory(args, method: str, side: int) -> dict:
     command = [sys.executable, __file__, "--child-side", str(side), "--method", method,
-               "--device", args.device, "--cache-dir", args.cache_dir]
+               "--device", args.device, "--cache-dir", args.cache_dir,
+               "--precision", args.precision]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -79,6 +82,8 @@ def main() -> None:
     parser.add_argument("--sides", type=int, nargs=2, default=[1024, 12000])
     parser.add_argument("--methods", nargs="+", default=sorted(CONFIGS), choices=sorted(CONFIGS))
     parser.add_argument("--cache-dir", default="")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                        help="model.precision: dtype of the image encoders")
     parser.add_argument("--method", default="dense_clip", help=argparse.SUPPRESS)
     parser.add_argument("--child-side", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -87,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         args.cache_dir = args.cache_dir or cache
         small_side, large_side = args.sides
-        print(f"device: {args.device}; 150 classes; random weights")
+        print(f"device: {args.device}; 150 classes; random weights; precision {args.precision}")
         for method in args.methods:
             small = peak_memory(args, method, small_side)
             large = peak_memory(args, method, large_side)

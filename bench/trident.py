@@ -6,6 +6,7 @@ time, the time inside the encoder forwards (CLIP, DINO, SAM encoder, SAM decoder
 ratio, and the peak memory of a 1024^2 vs a 4096^2 image (each in a fresh child process).
 
     python bench/trident.py [--device cuda] [--repeats 3] [--config trident/voc_21.yaml]
+        [--precision fp32|fp16|bf16]
 
 On a 2-core CPU one predict takes 15-30 s (SAM ViT-B at 1024 most of it) and the whole run a
 few minutes; `--repeats 1` shortens it.
@@ -27,6 +28,7 @@ import torch
 from _memory import print_peak_memory_of_predict
 
 import ovseg
+from ovseg.encoders.precision import PRECISIONS
 from ovseg.methods import trident as trident_method
 from ovseg.text import as_vocabulary
 
@@ -37,7 +39,8 @@ def build(args, refine: bool):
     overrides = [
         "model.clip.weights", "random", "model.dino.weights", "random",
         "model.sam.weights", "random", "model.device", args.device,
-        "model.trident.refine", str(refine).lower(), "text.cache_dir", args.cache_dir,
+        "model.precision", args.precision,
+        "model.refine.enabled", str(refine).lower(), "text.cache_dir", args.cache_dir,
     ]
     return ovseg.build_model(ovseg.get_config(args.config, overrides))
 
@@ -101,7 +104,7 @@ def peak_memory_child(args, side: int, refine: bool) -> float:
     """One predict on a side x side image in a fresh process; its peak memory in MiB."""
     command = [
         sys.executable, __file__, "--child-side", str(side), "--device", args.device,
-        "--config", args.config, "--cache-dir", args.cache_dir,
+        "--config", args.config, "--cache-dir", args.cache_dir, "--precision", args.precision,
     ]
     if refine:
         command.append("--child-refine")
@@ -119,6 +122,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--config", default="trident/voc_21.yaml")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                        help="model.precision: dtype of the image encoders")
     parser.add_argument("--cache-dir", default="", help="text-classifier cache (default: temp)")
     parser.add_argument("--child-side", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child-refine", action="store_true", help=argparse.SUPPRESS)
@@ -135,7 +140,7 @@ def run(args) -> None:
     image = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), np.uint8)
     print(f"device: {args.device}")
     print(f"model: {args.config}, CLIP ViT-B-16 + DINO ViT-B/16 + SAM vit_b, random weights, "
-          "1024x768 image")
+          f"1024x768 image, precision {args.precision}")
     for refine in (False, True):
         model = build(args, refine)
         model.text_classifier(as_vocabulary(VOCABULARY).names)  # fill the text cache first

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ovseg
+from ovseg.data.catalog import class_vocabulary
 from ovseg.errors import ConfigError, VocabularyError
 from ovseg.layers.labels import labels_from_probabilities, suppress_small_classes
 
@@ -152,3 +153,31 @@ def test_whole_image_mode_resizes_patch_logits_straight_to_the_input(image):
     direct = torch.nn.functional.interpolate(patch_cosine[None], size=(70, 110), mode="bilinear")
     expected = model.class_probabilities(direct[0], vocabulary)
     assert torch.allclose(result.logits, expected, atol=1e-5)
+
+
+def test_naclip_thresholds_before_it_renormalises():
+    """NACLIP's reference takes the argmax and applies prob_thd to the class probabilities
+    before renormalising them; the renormalised ones are only the returned scores."""
+    image = np.random.default_rng(3).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    vocabulary = class_vocabulary("voc_21", "sclip")  # 26 background words
+    model = tiny_model("model.dense_clip.mode", "naclip", "model.dense_clip.renormalize", "true",
+                       "model.dense_clip.prob_thd", "0.1", "model.dense_clip.logit_scale", "40")
+    state = model.encode(image)
+    result = model.predict(state, vocabulary)
+    text = model.text_classifier(vocabulary.names)
+    cosine = model.stitched_cosine(state.windows, state.resized, text)
+    cosine = torch.nn.functional.interpolate(cosine[None], size=(64, 64), mode="bilinear")[0]
+    # the reference's order, transcribed: softmax over names, max over each class's names,
+    # argmax, threshold; renormalise afterwards for the scores
+    probs = (40 * cosine).softmax(0)
+    per_class = torch.stack([probs[vocabulary.name_to_class == c].amax(0)
+                             for c in range(vocabulary.num_classes)])
+    best, expected = per_class.max(0)
+    expected[best < 0.1] = 0
+    assert np.array_equal(result.labels, expected.numpy())
+    renormalised = per_class / per_class.sum(0, keepdim=True)
+    assert torch.allclose(result.probabilities(), renormalised, atol=1e-5)
+    # the order matters on this image: thresholding the renormalised scores sends fewer pixels
+    # to background
+    sent_before, sent_after = int((best < 0.1).sum()), int((renormalised.amax(0) < 0.1).sum())
+    assert sent_before > sent_after

@@ -76,7 +76,7 @@ def test_a_precomputed_classifier_runs_no_text_encoder(image, monkeypatch):
 
 def test_prediction_bands_equal_the_whole_map_and_the_labels(image):
     model = ovseg.build_model(ovseg.get_config("tiny/trident_tiny.yaml",
-                                               ["model.trident.refine", "false"]))
+                                               ["model.refine.enabled", "false"]))
     result = model.predict(image, "cat, dog, sky")
     assert isinstance(result.labels, np.ndarray) and result.labels.shape == (70, 110)
     assert result.scores.shape[1:] != (70, 110)  # scores stay at the working resolution
@@ -94,7 +94,7 @@ def test_predict_never_builds_a_full_resolution_class_map(config, image, monkeyp
     # with 40 classes a (C, H, W) float map at 700 x 1100 is 31M floats; a band is far smaller
     big = np.repeat(np.repeat(image, 10, axis=0), 10, axis=1)
     vocabulary = [f"class {i}" for i in range(40)]
-    overrides = ["model.trident.refine", "false"] if "trident" in config else []
+    overrides = ["model.refine.enabled", "false"] if "trident" in config else []
     model = ovseg.build_model(ovseg.get_config(config, overrides))
     largest = [0]
     for factory in ("empty", "zeros"):

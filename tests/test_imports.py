@@ -38,7 +38,7 @@ FACADE_LEVEL = TOP_LEVEL
 
 # modules of ovseg/methods/ that every method may import; any other module there is a method
 METHODS_PACKAGE = f"{PACKAGE}.methods"
-SHARED_METHOD_MODULES = frozenset({"base", "common", "device", "labels", "state"})
+SHARED_METHOD_MODULES = frozenset({"base", "common", "device", "labels", "sam_refine", "state"})
 
 
 @dataclass(frozen=True)

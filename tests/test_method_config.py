@@ -21,15 +21,15 @@ TRIDENT_TINY = "tiny/trident_tiny.yaml"
 
 
 def model_sections(cfg) -> set[str]:
-    return {key for key in cfg.model if key not in ("name", "device", "weights")}
+    return {key for key in cfg.model if key not in ("name", "device", "weights", "precision")}
 
 
 def test_each_method_config_holds_exactly_its_sections(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("", encoding="utf-8")
     expected = {
-        "trident": {"clip", "dino", "sam", "inference", "trident"},
-        "dense_clip": {"clip", "dino", "inference", "dense_clip", "pamr"},
+        "trident": {"clip", "dino", "sam", "inference", "trident", "refine"},
+        "dense_clip": {"clip", "dino", "sam", "inference", "dense_clip", "pamr", "refine"},
         "linear_probe": {"clip", "inference"},
     }
     assert set(METHODS) == set(expected)
@@ -51,7 +51,7 @@ def test_inference_crop_changes_trident_windows(monkeypatch):
     image = np.random.default_rng(0).integers(0, 256, (96, 160, 3), dtype=np.uint8)
     for crop in (64, 96):
         model = ovseg.build_model(ovseg.get_config(
-            TRIDENT_TINY, ["model.inference.crop", str(crop), "model.trident.refine", "false"]))
+            TRIDENT_TINY, ["model.inference.crop", str(crop), "model.refine.enabled", "false"]))
         model.predict(image, ["cat", "dog"])
     small, large = seen
     assert {(y1 - y0, x1 - x0) for y0, x0, y1, x1 in small} == {(64, 64)}
@@ -68,8 +68,8 @@ def test_a_key_of_another_method_is_an_error_naming_key_and_method():
     assert "method 'trident'" in message
     assert "read by dense_clip" in message
     # the shared sections a method does not read are errors too
-    with pytest.raises(ConfigError, match=r"'model\.sam\.arch' is not read by method 'dense_clip'"):
-        ovseg.get_config("tiny/dense_clip_tiny.yaml", ["model.sam.arch", "tiny"])
+    with pytest.raises(ConfigError, match=r"'model\.sam\.arch' is not read by .*'linear_probe'"):
+        ovseg.get_config("tiny/linear_probe_tiny.yaml", ["model.sam.arch", "tiny"])
     with pytest.raises(ConfigError, match=r"'model\.dino\.arch' is not read by .*'linear_probe'"):
         ovseg.get_config("tiny/linear_probe_tiny.yaml", ["model.dino.arch", "tiny-p8"])
 
@@ -95,8 +95,8 @@ def test_unknown_method_and_late_method_change_are_errors():
 def test_trident_saved_config_has_only_what_it_reads(tmp_path):
     cfg = ovseg.get_config(TRIDENT_TINY)
     saved = yaml.safe_load(save_config(cfg, tmp_path / "config.yaml").read_text())
-    assert set(saved["model"]) == {"name", "device", "weights", "clip", "dino", "sam",
-                                   "inference", "trident"}
+    assert set(saved["model"]) == {"name", "device", "weights", "precision", "clip", "dino", "sam",
+                                   "inference", "trident", "refine"}
     assert "crop" not in saved["model"]["trident"]  # one name per concept: model.inference.crop
     assert ovseg.get_config(tmp_path / "config.yaml") == cfg
 
@@ -109,7 +109,7 @@ def test_trident_run_saves_a_config_without_dense_clip_keys(tmp_path):
         sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file",
         f"configs/{TRIDENT_TINY}", "--eval-only", "datasets.test", "[voc_21]",
         "datasets.root", str(root), "output_dir", str(output),
-        "model.trident.refine", "false",
+        "model.refine.enabled", "false",
     ]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -61,7 +61,9 @@ def test_template_counts() -> None:
     assert len(get_templates("openai_imagenet")) == 80
     assert len(get_templates("vild")) == 14
     assert get_templates("single") == ["a photo of a {}."]
-    assert set(TEMPLATE_SETS) == {"openai_imagenet", "vild", "single"}
+    assert len(get_templates("maskclip")) == 85  # the 80 plus MaskCLIP's 5 "... in the scene"
+    assert get_templates("maskclip")[:80] == get_templates("openai_imagenet")
+    assert set(TEMPLATE_SETS) == {"openai_imagenet", "vild", "single", "maskclip"}
     for templates in TEMPLATE_SETS.values():
         assert all(t.count("{}") == 1 for t in templates)
         assert len(set(templates)) == len(templates)

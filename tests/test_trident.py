@@ -58,10 +58,41 @@ def image():
         ((448, 597), 14, (462, 602)),  # 597 -> 602; 448 * 602 / 597 = 451.8 -> 462
         ((200, 250), 16, (336, 336)),  # 250 -> 256; 200 * 256 / 250 = 204.8 -> 208 -> 336
         ((597, 448), 16, (608, 464)),
+        ((336, 351), 16, (336, 352)),  # 351 -> 352; int(336 * 352 / 351) = 336, a multiple
     ],
 )
 def test_processed_size_hand_computed(size, patch, expected):
     assert tr.processed_size(*size, patch=patch, min_side=336) == expected
+
+
+def reference_processed_size(height, width, patch, min_side):
+    """The reference's step-0 rule, transcribed: truncate the scaled side (float arithmetic),
+    round it up to the patch only when it is not a multiple already, at least min_side."""
+    if height % patch == 0 and width % patch == 0:
+        return height, width
+    longer = max(height, width)
+    dst_longer = (longer // patch + (longer % patch != 0)) * patch
+    sides = []
+    for side in (height, width):
+        new = int(side * dst_longer / longer)
+        if new % patch != 0:
+            new = (new // patch + 1) * patch
+        sides.append(max(new, min_side))
+    return tuple(sides)
+
+
+@pytest.mark.parametrize("patch", [16, 14])
+def test_processed_size_follows_the_reference_over_a_sweep(patch):
+    sizes = [(h, w) for h in range(200, 1100, 7) for w in range(300, 1300, 13)]
+    differs_from_ceiling = 0
+    for h, w in sizes:
+        assert tr.processed_size(h, w, patch, 336) == reference_processed_size(h, w, patch, 336)
+        longer = max(h, w)
+        target = -(-longer // patch) * patch
+        ceiling = tuple(max(-(-s * target // (longer * patch)) * patch, 336) for s in (h, w))
+        differs_from_ceiling += ceiling != reference_processed_size(h, w, patch, 336)
+    # the rule matters: rounding the exact product up differs on a good share of sizes
+    assert differs_from_ceiling > 0.02 * len(sizes)
 
 
 # ---- step 1 ----------------------------------------------------------------------------------
@@ -341,12 +372,12 @@ def test_background_is_the_max_over_its_names_after_a_softmax_over_all_names():
 
 
 def test_probability_threshold_sends_unsure_pixels_to_background(image):
-    result = tiny_model("model.trident.prob_thd", "0.99", "model.trident.refine", "false").predict(
+    result = tiny_model("model.trident.prob_thd", "0.99", "model.refine.enabled", "false").predict(
         image, "cat, dog, sky")
     assert (result.labels == 0).all()
 
 
-# ---- step 8 ----------------------------------------------------------------------------------
+# ---- step 8 (the refinement itself: tests/test_sam_refine.py) --------------------------------
 def test_connected_components_are_8_connected():
     mask = np.zeros((6, 6), bool)
     mask[0, 0] = mask[1, 1] = mask[2, 2] = True  # a diagonal chain: one component
@@ -370,134 +401,6 @@ def test_mask_prompt_is_256_square_with_values_0_or_scaled_probability():
     assert longest_side_shape(760, 1024, 256) == (190, 256)
 
 
-class StubDecoder:
-    """Stands in for SAM's decoder: returns chosen low-res logits and IoUs, call by call."""
-
-    def __init__(self, sam, answers):
-        self.sam = sam
-        self.img_size = sam.img_size
-        self.answers = list(answers)
-        self.calls = []
-
-    def predict_masks(self, features, points, point_labels, boxes, mask_inputs,
-                      multimask_output=False):
-        self.calls.append(dict(points=points, labels=point_labels, boxes=boxes,
-                               mask=mask_inputs, multimask=multimask_output))
-        logits, iou = self.answers[len(self.calls) - 1]
-        return logits, torch.tensor([[iou]])
-
-    def postprocess_masks(self, masks, input_size, original_size):
-        return self.sam.postprocess_masks(masks, input_size, original_size)
-
-
-def coarse_example():
-    """40 x 40 half-resolution labels: background, class 1 in a 20 x 20 square (400 px), class
-    2 in an 8 x 8 square (64 px, below 225)."""
-    labels = torch.zeros(40, 40, dtype=torch.long)
-    probs = torch.tensor([0.8, 0.1, 0.1]).view(3, 1, 1).repeat(1, 40, 40)
-    labels[5:25, 5:25] = 1
-    probs[:, 5:25, 5:25] = torch.tensor([0.2, 0.7, 0.1]).view(3, 1, 1)
-    labels[30:38, 30:38] = 2
-    probs[:, 30:38, 30:38] = torch.tensor([0.2, 0.1, 0.7]).view(3, 1, 1)
-    return labels, probs
-
-
-def left_half_logits(side=64):
-    logits = torch.full((1, 1, side, side), -10.0)
-    logits[..., : side // 2] = 10.0
-    return logits
-
-
-@pytest.fixture(scope="module")
-def square_features(model):
-    with torch.inference_mode():
-        return model.sam_features(np.zeros((40, 40, 3), np.uint8))  # SAM frame 256 x 256
-
-
-def refine_settings(**kw):
-    return TridentConfig(**{"coarse_thresh": 0.15, "min_component": 225, "iou_thresh": 0.8, **kw})
-
-
-def test_refinement_takes_sams_mask_when_its_iou_is_above_the_threshold(model, square_features):
-    labels, probs = coarse_example()
-    empty = torch.full((1, 1, 64, 64), -10.0)
-    stub = StubDecoder(model.sam, [(empty, 0.85), (left_half_logits(), 0.85)])
-    refined, decided = tr.refine_with_sam(stub, square_features, labels, probs, refine_settings())
-    assert len(stub.calls) == 2  # background and class 1; class 2's 64 px are skipped
-    assert (refined[:, :18] == 1).all()  # SAM's mask taken, over coarse background too
-    assert (refined[5:25, 5:25] == 1).all()  # class 1 outside the mask keeps its coarse label
-    assert (refined[30:38, 30:38] == 2).all() and (refined[:5, 25:] == 0).all()
-    assert not decided[:, 25:].any()
-    # prompts of class 1: its box and best point scaled 40 -> 256 (x 6.4), its mask prompt
-    call = stub.calls[1]
-    assert torch.allclose(call["boxes"], torch.tensor([[32.0, 32.0, 153.6, 153.6]]))
-    assert torch.allclose(call["points"], torch.tensor([[[32.0, 32.0]]]))
-    assert call["labels"].tolist() == [[1]] and call["multimask"] is False
-    assert call["mask"].shape == (1, 1, 64, 64)
-    assert float(call["mask"].max()) == pytest.approx(0.005 * 0.7)
-    nonzero = call["mask"][call["mask"] != 0] / 0.005
-    assert (nonzero > 0.15).all()
-
-
-def test_refinement_keeps_the_coarse_labels_when_iou_is_not_above_the_threshold(
-    model, square_features
-):
-    labels, probs = coarse_example()
-    stub = StubDecoder(model.sam, [(left_half_logits(), 0.8), (left_half_logits(), 0.8)])
-    refined, _ = tr.refine_with_sam(stub, square_features, labels, probs, refine_settings())
-    assert torch.equal(refined, labels)
-
-
-def test_coarse_probability_wins_over_a_kept_mask_where_higher(model, square_features):
-    labels, probs = coarse_example()
-    stub = StubDecoder(model.sam, [(left_half_logits(), 0.5), (left_half_logits(), 0.95)])
-    refined, _ = tr.refine_with_sam(stub, square_features, labels, probs, refine_settings())
-    # left-half background: class 1 scores sigmoid(10) x .1 < the rejected background's .8
-    assert torch.equal(refined, labels)
-
-
-def test_refinement_skips_components_under_225_pixels(model, square_features):
-    labels = torch.zeros(40, 40, dtype=torch.long)
-    labels[0:15, 0:15] = 1  # 225 px: refined
-    labels[20:34, 20:34] = 2  # 196 px: skipped
-    probs = F.one_hot(labels, 3).permute(2, 0, 1).float() * 0.8 + 0.05
-    empty = torch.full((1, 1, 64, 64), -10.0)
-    stub = StubDecoder(model.sam, [(empty, 0.0)] * 3)
-    tr.refine_with_sam(stub, square_features, labels, probs, refine_settings())
-    boxes = [call["boxes"][0].tolist() for call in stub.calls]
-    assert len(boxes) == 2  # background and class 1
-    assert boxes[1] == pytest.approx([0.0, 0.0, 14 * 6.4, 14 * 6.4])
-
-
-def test_reference_compat_passes_the_mask_prompt_unbatched(model, square_features):
-    labels, probs = coarse_example()
-    stub = StubDecoder(model.sam, [(left_half_logits(), 0.0)] * 2)
-    tr.refine_with_sam(stub, square_features, labels, probs, refine_settings(compat="reference"))
-    assert stub.calls[0]["mask"].shape == (1, 64, 64)
-
-
-def test_refinement_through_the_real_tiny_sam(model, square_features):
-    labels, probs = coarse_example()
-    with torch.inference_mode():
-        refined, decided = tr.refine_with_sam(model.sam, square_features, labels, probs,
-                                              refine_settings(iou_thresh=-1.0))
-    assert refined.shape == (40, 40) and refined.dtype == torch.long
-    assert set(refined.unique().tolist()) <= {0, 1, 2}
-    assert decided.any()
-
-
-def test_half_resolution_and_merge_back():
-    labels = torch.arange(6 * 8).view(6, 8)
-    probs = torch.rand(2, 6, 8)
-    half_labels, half_probs = tr.half_resolution(labels, probs)
-    assert torch.equal(half_labels, labels[::2, ::2])
-    assert torch.allclose(half_probs, F.avg_pool2d(probs[None], 2)[0])
-    decided = torch.zeros(3, 4, dtype=torch.bool)
-    decided[0, 0] = True
-    merged = tr.merge_refined_labels(labels.clone(), torch.full((3, 4), -1), decided)
-    assert (merged[:2, :2] == -1).all() and torch.equal(merged[2:], labels[2:])
-
-
 # ---- predict end to end ----------------------------------------------------------------------
 def count_decoder_calls(model, monkeypatch):
     calls = []
@@ -513,16 +416,19 @@ def count_decoder_calls(model, monkeypatch):
 
 @pytest.mark.parametrize("refine", [True, False])
 def test_predict_on_a_non_square_image(image, refine, monkeypatch):
-    model = tiny_model("model.trident.refine", str(refine).lower())
+    model = tiny_model("model.refine.enabled", str(refine).lower())
     calls = count_decoder_calls(model, monkeypatch)
     result = model.predict(image, "cat, dog, sky")
     assert result.classes == ["cat", "dog", "sky"]
     assert result.labels.shape == (70, 110) and result.labels.dtype == np.int64
     assert result.logits.shape == (3, 70, 110)
-    assert torch.allclose(result.logits.sum(0), torch.ones(70, 110), atol=1e-5)
     assert bool(calls) == refine
+    # the scores are the ones the labels were taken from, refined or not (prob_thd is 0)
+    assert np.array_equal(result.labels, result.logits.argmax(0).numpy())
     if not refine:
-        assert np.array_equal(result.labels, result.logits.argmax(0).numpy())
+        assert torch.allclose(result.logits.sum(0), torch.ones(70, 110), atol=1e-5)
+    else:  # refined scores replace the probabilities where a mask decided
+        assert not torch.allclose(result.logits.sum(0), torch.ones(70, 110), atol=1e-3)
 
 
 @pytest.mark.parametrize("size", [(48, 80), (50, 70), (20, 300)])
@@ -553,7 +459,7 @@ def test_predict_with_cityscapes_halves(width, monkeypatch):
 
 
 def test_windows_go_through_clip_and_dino_in_window_batches(monkeypatch):
-    model = tiny_model("model.inference.window_batch", "2", "model.trident.refine", "false")
+    model = tiny_model("model.inference.window_batch", "2", "model.refine.enabled", "false")
     batches = []
     original = model.clip.forward
 
@@ -567,7 +473,7 @@ def test_windows_go_through_clip_and_dino_in_window_batches(monkeypatch):
 
 
 def test_synonyms_of_every_class_take_the_max(image):
-    model = tiny_model("model.trident.refine", "false")
+    model = tiny_model("model.refine.enabled", "false")
     split = model.predict(image, "cat, kitten, dog")
     merged = model.predict(image, "cat; kitten, dog")
     assert torch.allclose(merged.logits[0], torch.maximum(split.logits[0], split.logits[1]))
@@ -577,7 +483,7 @@ def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="model.inference.stride"):
         tiny_model("model.inference.stride", "40")
     with pytest.raises(ConfigError, match="compat"):
-        tiny_model("model.trident.compat", "mmseg")
+        tiny_model("model.refine.compat", "mmseg")
 
 
 # ---- configs and the demo --------------------------------------------------------------------
@@ -597,9 +503,11 @@ BENCHMARKS = {  # short side, stride, cos_fac, prob_thd, coarse_thresh, refine_n
 def test_benchmark_configs_follow_the_spec(name):
     for suffix, arch in (("", "ViT-B-16"), ("_vith14", "ViT-H-14")):
         cfg = ovseg.get_config(f"trident/{name}{suffix}.yaml")
-        # steps 0-1 live in model.inference, the rest in model.trident
+        # steps 0-1 live in model.inference, step 8 in model.refine, the rest in model.trident
         t = SimpleNamespace(**OmegaConf.to_container(cfg.model.inference),
-                            **OmegaConf.to_container(cfg.model.trident))
+                            **OmegaConf.to_container(cfg.model.trident),
+                            **OmegaConf.to_container(cfg.model.refine))
+        assert t.enabled and t.compat == "fixed"
         assert (t.short_side, t.stride, t.cos_fac, t.prob_thd, t.coarse_thresh,
                 t.refine_neg_cos) == BENCHMARKS[name]
         assert t.cityscapes_halves == (name == "cityscapes_19")

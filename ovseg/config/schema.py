@@ -22,6 +22,8 @@ class ClipConfig:
     pos_embed_resize: str = "offset"
     # QuickGELU activations (OpenAI weights); None = as the open_clip pretrained tag says
     quick_gelu: Optional[bool] = None  # noqa: UP045 (OmegaConf needs Optional)
+    # input mean/std: "openai" (CLIP's own) | "imagenet" (MaskCLIP's own evaluation protocol)
+    normalize: str = "openai"
 
 
 @dataclass
@@ -74,6 +76,9 @@ class ModelConfig:
     device: str = "cpu"
     # trained ovseg weights (a checkpoint's .safetensors) loaded before evaluation; "" = none
     weights: str = ""
+    # fp32 | fp16 | bf16: dtype of the frozen image encoders (CLIP's image tower, DINO, SAM's
+    # image encoder); CLIP's text tower and SAM's prompt encoder and mask decoder stay fp32
+    precision: str = "fp32"
 
 
 # the sections of cfg.model that several methods read, under one name each
@@ -87,10 +92,11 @@ SHARED_MODEL_SECTIONS: dict[str, type] = {
 
 @dataclass
 class TextConfig:
-    templates: str = "openai_imagenet"  # openai_imagenet (80) | vild (14) | single
+    # openai_imagenet (80) | maskclip (85: the 80 + 5 "... in the scene") | vild (14) | single
+    templates: str = "openai_imagenet"
     cache_dir: str = ""  # "" = $OVSEG_CACHE or ~/.cache/ovseg
-    # "" = the catalog's class names; "sclip" | "proxyclip" = that reference's class-name files
-    # (ovseg/data/classes/prompts/<set>/), which published numbers were measured with
+    # "" = the catalog's class names; "sclip" | "proxyclip" | "maskclip" = that reference's
+    # class-name files (ovseg/data/classes/prompts/<set>/), which published numbers used
     prompt_names: str = ""
 
 

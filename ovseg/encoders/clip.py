@@ -28,6 +28,7 @@ from ovseg.encoders.weights import (
     parse_weights_spec,
     seeded_init,
 )
+from ovseg.errors import ConfigError
 from ovseg.layers.attention import scaled_softmax
 
 # OpenAI checkpoints carry these scalars beside the weights; open_clip's models have no such keys
@@ -41,6 +42,17 @@ CLIP_STD_255 = (68.501, 66.632, 70.323)
 # with these before re-normalising them for DINO (DinoEncoder.from_clip_normalized)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# ImageNet's statistics, as MaskCLIP's own configs normalise CLIP's input (mmseg's img_norm_cfg,
+# 0-255 scale) and on the 0-1 scale
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ``model.clip.normalize`` -> (0-255 mean, 0-255 std, 0-1 mean, 0-1 std)
+NORMALIZATIONS = {
+    "openai": (CLIP_MEAN_255, CLIP_STD_255, OPENAI_MEAN, OPENAI_STD),
+    "imagenet": (IMAGENET_MEAN_255, IMAGENET_STD_255, IMAGENET_MEAN, IMAGENET_STD),
+}
 
 
 @dataclass
@@ -82,7 +94,8 @@ def interpolate_pos_embed(
     h, w = grid
     if (h, w) == (side, side):
         return pos_embed
-    patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    # bicubic in float32: half-precision bicubic is missing on some devices (a no-op in fp32)
+    patch_pos = patch_pos.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
     if how == "offset":
         patch_pos = F.interpolate(
             patch_pos, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic",
@@ -92,7 +105,7 @@ def interpolate_pos_embed(
         patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
     else:
         raise ValueError(f"pos_embed_resize must be 'offset' or 'size', got {how!r}")
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(h * w, -1)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(h * w, -1).to(pos_embed.dtype)
     return torch.cat([cls_pos, patch_pos], dim=0)
 
 
@@ -106,7 +119,8 @@ class ClipEncoder(nn.Module):
     reaching into open_clip.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, name: str, pos_embed_resize: str = "offset"):
+    def __init__(self, model: nn.Module, tokenizer, name: str, pos_embed_resize: str = "offset",
+                 normalization: str = "openai"):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -117,14 +131,29 @@ class ClipEncoder(nn.Module):
         self.width = visual.conv1.out_channels
         self.num_heads = visual.transformer.resblocks[-1].attn.num_heads
         self.embed_dim = visual.proj.shape[1]
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN_255).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD_255).view(1, 3, 1, 1), persistent=False)
+        _check_normalization(normalization)
+        mean_255, std_255, mean, std = NORMALIZATIONS[normalization]
+        self.normalization = normalization
+        # the same statistics on the 0-1 scale: a proxy model un-normalises CLIP's input with
+        # them before normalising it its own way (DinoEncoder.renormalize)
+        self.input_stats = (mean, std)
+        self.register_buffer("mean", torch.tensor(mean_255).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std_255).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> ClipEncoder:  # frozen: always in eval mode
         return super().train(False)
 
+    def set_precision(self, dtype: torch.dtype) -> ClipEncoder:
+        """Run the image tower in ``dtype`` (``model.precision``): its weights are cast, inputs
+        are cast to them in :meth:`embed_patches`. The text tower and ``mean``/``std`` stay
+        float32, so text classifiers (and their on-disk cache) do not depend on the precision.
+        Returns self."""
+        self.model.visual.to(dtype)
+        return self
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) RGB on the 0-255 scale -> CLIP-normalised float."""
+        """(B, 3, H, W) RGB on the 0-255 scale -> CLIP-normalised float (``normalization``'s
+        mean/std: OpenAI's, or ImageNet's for MaskCLIP's own protocol)."""
         return (images.float() - self.mean) / self.std
 
     # ---- image side --------------------------------------------------------------------------
@@ -209,8 +238,9 @@ class ClipEncoder(nn.Module):
         return self.project(self.feed_forward(z))[:, 0]
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        """Global image embedding (B, D) from open_clip's own forward (training-size input)."""
-        return self.model.encode_image(x)
+        """Global image embedding (B, D) from open_clip's own forward (training-size input), in
+        the image tower's dtype."""
+        return self.model.encode_image(x.to(self.model.visual.conv1.weight.dtype))
 
     # ---- text side ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -219,6 +249,12 @@ class ClipEncoder(nn.Module):
         device = self.model.visual.proj.device
         tokens = self.tokenizer(list(prompts)).to(device)
         return self.model.encode_text(tokens).float()
+
+
+def _check_normalization(name: str) -> None:
+    if name not in NORMALIZATIONS:
+        raise ConfigError(f"model.clip.normalize: unknown normalisation {name!r}; one of "
+                          f"{', '.join(NORMALIZATIONS)}")
 
 
 @contextmanager
@@ -250,7 +286,8 @@ def build_clip(section, device: str | torch.device = "cpu") -> ClipEncoder:
             ``weights``: see :mod:`ovseg.encoders.weights`; ``random`` is seeded, so it is
             reproducible;
             ``pos_embed_resize``: ``offset`` | ``size`` (:func:`interpolate_pos_embed`);
-            ``quick_gelu``: QuickGELU activations; None = as the pretrained tag says.
+            ``quick_gelu``: QuickGELU activations; None = as the pretrained tag says;
+            ``normalize``: the input mean/std, ``openai`` | ``imagenet``.
         device: where the encoder goes.
 
     Raises:
@@ -258,6 +295,8 @@ def build_clip(section, device: str | torch.device = "cpu") -> ClipEncoder:
     """
     arch, weights = str(section.arch), str(section.weights)
     pos_embed_resize, quick_gelu = str(section.pos_embed_resize), section.quick_gelu
+    normalization = str(getattr(section, "normalize", "openai"))
+    _check_normalization(normalization)
     try:
         import open_clip
     except ImportError as exc:  # pragma: no cover - a core dependency
@@ -298,6 +337,7 @@ def build_clip(section, device: str | torch.device = "cpu") -> ClipEncoder:
                       expected=f"an open_clip {arch} CLIP state dict", strip_prefix="module.")
     tokenizer = open_clip.get_tokenizer(arch)
     encoder = ClipEncoder(
-        model, tokenizer, name=f"{arch}|{weights}", pos_embed_resize=pos_embed_resize
+        model, tokenizer, name=f"{arch}|{weights}", pos_embed_resize=pos_embed_resize,
+        normalization=normalization,
     )
     return encoder.to(device)

@@ -170,6 +170,12 @@ class DinoEncoder(nn.Module):
         """Stay in eval mode: the encoder is frozen (no dropout, no drop-path)."""
         return super().train(False)
 
+    def set_precision(self, dtype: torch.dtype) -> DinoEncoder:
+        """Run the ViT in ``dtype`` (``model.precision``): its weights are cast, inputs are cast
+        to them in :meth:`embed`; ``mean``/``std`` stay float32. Returns self."""
+        self.model.to(dtype)
+        return self
+
     def normalize(self, images: Tensor) -> Tensor:
         """Map RGB images on the 0-255 scale to the model's input.
 
@@ -246,7 +252,8 @@ class DinoEncoder(nn.Module):
             tokens (B, P + h * w, C) and the grid (h, w).
         """
         m = self.model
-        patches = m.patch_embed.proj(x)  # (B, C, h, w); bypasses timm's fixed-size check
+        proj = m.patch_embed.proj
+        patches = proj(x.to(proj.weight.dtype))  # (B, C, h, w); bypasses timm's size check
         grid = (int(patches.shape[-2]), int(patches.shape[-1]))
         patches = m.patch_embed.norm(patches.flatten(2).transpose(1, 2))
         pos = self.pos_embed_for(grid).to(patches.dtype)

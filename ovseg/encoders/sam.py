@@ -216,6 +216,13 @@ class SamEncoder(nn.Module):
         """Stay in eval mode: the encoder is frozen."""
         return super().train(False)
 
+    def set_precision(self, dtype: torch.dtype) -> SamEncoder:
+        """Run the image encoder in ``dtype`` (``model.precision``): its weights are cast,
+        inputs are cast to them in :meth:`forward`. The prompt encoder, the mask decoder and
+        ``pixel_mean``/``pixel_std`` stay float32, as in the references. Returns self."""
+        self.sam.image_encoder.to(dtype)
+        return self
+
     @property
     def pixel_mean(self) -> Tensor:
         return self.sam.pixel_mean
@@ -270,7 +277,7 @@ class SamEncoder(nn.Module):
                 f"{tuple(x.shape)}; use SamEncoder.preprocess"
             )
         encoder = self.sam.image_encoder
-        tokens = encoder.patch_embed(x)  # (B, h, w, C)
+        tokens = encoder.patch_embed(x.to(encoder.patch_embed.proj.weight.dtype))  # (B, h, w, C)
         if encoder.pos_embed is not None:
             tokens = tokens + encoder.pos_embed
         for index, block in enumerate(encoder.blocks):

@@ -14,16 +14,44 @@ import torch
 
 def bilinear_matrix(out_size: int, in_size: int, device=None) -> torch.Tensor:
     """(out_size, in_size) float32 weights of 1-D bilinear resizing, align_corners=False."""
+    return bilinear_rows(out_size, in_size, slice(0, out_size)).to(device)
+
+
+def bilinear_rows(out_size: int, in_size: int, rows: slice) -> torch.Tensor:
+    """(len(rows), in_size) float32: rows ``rows`` (step 1) of :func:`bilinear_matrix`."""
     scale = in_size / out_size
-    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    index = torch.arange(rows.start, rows.stop, dtype=torch.float64)
+    src = ((index + 0.5) * scale - 0.5).clamp(min=0)
     low = src.floor().long().clamp(max=in_size - 1)
     high = (low + 1).clamp(max=in_size - 1)
     frac = (src - low).float()
-    weights = torch.zeros(out_size, in_size)
-    rows = torch.arange(out_size)
-    weights.index_put_((rows, low), 1 - frac, accumulate=True)
-    weights.index_put_((rows, high), frac, accumulate=True)
-    return weights.to(device)
+    weights = torch.zeros(index.shape[0], in_size)
+    positions = torch.arange(index.shape[0])
+    weights.index_put_((positions, low), 1 - frac, accumulate=True)
+    weights.index_put_((positions, high), frac, accumulate=True)
+    return weights
+
+
+def chained_bilinear_rows(rows: slice, chain: list[tuple[int, int]]) -> torch.Tensor:
+    """Weights of output rows ``rows`` through a chain of 1-D bilinear resizes.
+
+    chain: [(out_0, in_0), (out_1, in_1), ...] from the output back to the source: resize k
+    maps ``in_k`` rows to ``out_k``; its input is the first ``in_k`` rows of resize k+1's
+    output (``in_k <= out_{k+1}``: a crop, as SAM's postprocessing cuts its padding).
+
+    Returns:
+        (len(rows), in_last) float32; only the source rows the band needs are ever touched, so
+        the cost is the band's, not the map's.
+    """
+    out_size, in_size = chain[0]
+    weights = bilinear_rows(out_size, in_size, rows)
+    for out_size, in_size in chain[1:]:
+        used = weights.abs().sum(dim=0).nonzero().flatten()
+        low, high = int(used.min()), int(used.max()) + 1
+        if high > out_size:
+            raise ValueError(f"resize chain {chain}: {high} rows needed of a {out_size}-row map")
+        weights = weights[:, low:high] @ bilinear_rows(out_size, in_size, slice(low, high))
+    return weights
 
 
 class BandResizer:

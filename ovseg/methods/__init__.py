@@ -12,13 +12,16 @@ from ovseg.errors import ConfigError
 from ovseg.methods.base import Prediction
 from ovseg.methods.dense_clip import DenseClip, DenseClipConfig, PamrConfig, build_dense_clip
 from ovseg.methods.linear_probe import build_linear_probe
+from ovseg.methods.sam_refine import RefineConfig
 from ovseg.methods.trident import TridentConfig, build_trident
 
 METHODS: dict[str, Method] = {
-    "dense_clip": Method(build_dense_clip, DenseClipConfig, reads=("clip", "dino", "inference"),
-                         extra={"pamr": PamrConfig}),
+    "dense_clip": Method(build_dense_clip, DenseClipConfig,
+                         reads=("clip", "dino", "sam", "inference"),
+                         extra={"pamr": PamrConfig, "refine": RefineConfig}),
     "linear_probe": Method(build_linear_probe, reads=("clip", "inference")),
-    "trident": Method(build_trident, TridentConfig, reads=("clip", "dino", "sam", "inference")),
+    "trident": Method(build_trident, TridentConfig, reads=("clip", "dino", "sam", "inference"),
+                      extra={"refine": RefineConfig}),
 }
 
 

@@ -13,25 +13,41 @@ def settings_from_config(node, kind):
     return kind(**OmegaConf.to_container(node, resolve=True))
 
 
+def encoder_dtype(model_cfg) -> torch.dtype:
+    """The dtype of the frozen image encoders, ``cfg.model.precision`` (fp32 | fp16 | bf16).
+
+    Raises:
+        ConfigError: an unknown value.
+    """
+    from ovseg.encoders.precision import precision_dtype
+
+    return precision_dtype(str(model_cfg.precision))
+
+
 def clip_from_config(model_cfg, device: torch.device):
-    """The CLIP encoder of ``cfg.model.clip`` on ``device``."""
+    """The CLIP encoder of ``cfg.model.clip`` on ``device``, its image tower in
+    ``cfg.model.precision``."""
     from ovseg.encoders import build_clip
 
-    return build_clip(model_cfg.clip, device)
+    dtype = encoder_dtype(model_cfg)
+    return build_clip(model_cfg.clip, device).set_precision(dtype)
 
 
 def dino_from_config(model_cfg, device: torch.device):
-    """The DINO encoder of ``cfg.model.dino`` on ``device``."""
+    """The DINO encoder of ``cfg.model.dino`` on ``device``, in ``cfg.model.precision``."""
     from ovseg.encoders import build_dino
 
-    return build_dino(model_cfg.dino, device)
+    dtype = encoder_dtype(model_cfg)
+    return build_dino(model_cfg.dino, device).set_precision(dtype)
 
 
 def sam_from_config(model_cfg, device: torch.device):
-    """The SAM encoder of ``cfg.model.sam`` (a named or a custom size) on ``device``."""
+    """The SAM encoder of ``cfg.model.sam`` (a named or a custom size) on ``device``, its image
+    encoder in ``cfg.model.precision`` (prompt encoder and mask decoder fp32)."""
     from ovseg.encoders import build_sam
 
-    return build_sam(model_cfg.sam, device)
+    dtype = encoder_dtype(model_cfg)
+    return build_sam(model_cfg.sam, device).set_precision(dtype)
 
 
 class TextClassifiers:

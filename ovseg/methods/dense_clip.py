@@ -17,6 +17,7 @@ from torch import nn
 
 from ovseg.config.schema import InferenceConfig
 from ovseg.encoders.clip import ClipEncoder
+from ovseg.encoders.sam import SamEncoder, SamFeatures
 from ovseg.errors import ConfigError
 from ovseg.layers.attention import LAST_BLOCK_VARIANTS
 from ovseg.layers.labels import (
@@ -33,9 +34,11 @@ from ovseg.methods.common import (
     TextClassifiers,
     clip_from_config,
     dino_from_config,
+    sam_from_config,
     settings_from_config,
 )
 from ovseg.methods.device import resolve_device
+from ovseg.methods.sam_refine import RefineConfig, SamRefiner, check_refine_settings
 from ovseg.text import as_vocabulary, get_templates
 
 
@@ -52,6 +55,12 @@ class DenseClipConfig:
     naclip_sigma: float = 5.0  # Gaussian std in patches
     proxy_gamma: float = 3.0
     proxy_beta: float = 1.2
+    # ProxyCLIP's proxy model: "dino" = the DINO-family ViT of model.dino (DINO, DINOv2, MAE...);
+    # "sam" = SAM's image encoder of model.sam (the window stretched to its square input)
+    proxy: str = "dino"
+    # "none" = the proxy sees the window as it is; "crop" = resized to crop x crop first
+    # (ProxyCLIP's MAE, built for that input size)
+    proxy_resize: str = "none"
 
 
 @dataclass
@@ -74,6 +83,8 @@ class DenseClip(nn.Module):
         templates: list[str],
         dino: nn.Module | None = None,
         text_cache_dir: str | None = None,
+        sam: SamEncoder | None = None,
+        refine: RefineConfig | None = None,
     ):
         super().__init__()
         if settings.mode not in LAST_BLOCK_VARIANTS:
@@ -89,6 +100,13 @@ class DenseClip(nn.Module):
         self.inference = inference
         self.pamr = PAMR(pamr.steps, tuple(pamr.dilations)) if pamr.steps > 0 else None
         self.text_classifier = TextClassifiers(clip, templates, text_cache_dir)
+        refine = refine or RefineConfig()
+        check_refine_settings(refine)
+        if refine.enabled and sam is None:
+            raise ConfigError("model.refine.enabled needs a SAM encoder (model.sam)")
+        # SAM refinement after the dense prediction (Trident's step 8), off by default
+        self.sam = sam if refine.enabled else None
+        self.refiner = SamRefiner(sam, refine) if refine.enabled else None
 
     @property
     def device(self) -> torch.device:
@@ -96,9 +114,18 @@ class DenseClip(nn.Module):
 
     # ---- image -------------------------------------------------------------------------------
     def proxy_features(self, windows: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """DINO tokens (B, N', C) of CLIP-normalised windows (re-normalised for DINO), and the
-        DINO grid."""
-        features = self.dino(self.dino.from_clip_normalized(windows))
+        """Proxy tokens (B, N', C) of (B, 3, h, w) CLIP-normalised windows, and the proxy grid.
+
+        ``self.dino`` is the proxy model (``model.dense_clip.proxy``): a DINO-family ViT, or
+        SAM's image encoder (:class:`~ovseg.encoders.sam_proxy.SamProxy`, which stretches the
+        window to its square input). The windows are re-normalised from the CLIP input's
+        statistics to the proxy's, ProxyCLIP's way; with ``proxy_resize: crop`` they are then
+        resized bilinearly to crop x crop (ProxyCLIP's MAE)."""
+        x = self.dino.renormalize(windows, *self.clip.input_stats)
+        if self.settings.proxy_resize == "crop":
+            crop = self.inference.crop
+            x = F.interpolate(x, size=(crop, crop), mode="bilinear", align_corners=False)
+        features = self.dino(x)
         return features.tokens, tuple(features.grid)
 
     def window_features(self, windows: torch.Tensor) -> WindowFeatures:
@@ -134,6 +161,8 @@ class DenseClip(nn.Module):
         return DenseClipState(
             size=(int(height), int(width)), resized=tuple(size), windows=self.window_pass(x),
             guide=x if self.pamr is not None else None,
+            # guess: SAM sees the image as it is (Trident rounds its sides to the CLIP patch)
+            sam_features=self.refiner.image_features(image) if self.refiner else None,
         )
 
     def window_pass(self, x: torch.Tensor) -> list[tuple[WindowBatch | None, WindowFeatures]]:
@@ -164,9 +193,16 @@ class DenseClip(nn.Module):
         return self.stitched_cosine(self.window_pass(x), tuple(x.shape[-2:]), text)[None]
 
     def class_probabilities(self, cosine: torch.Tensor, vocabulary) -> torch.Tensor:
-        """(N_names, ...) cosines -> (C, ...): softmax over names, then max over synonyms."""
+        """(N_names, ...) cosines -> (C, ...) the returned scores: softmax over names, max over
+        synonyms, renormalised to sum 1 with ``renormalize`` (NACLIP)."""
         return class_probabilities(cosine, vocabulary, self.settings.logit_scale,
                                    self.settings.renormalize)
+
+    def decision_probabilities(self, cosine: torch.Tensor, vocabulary) -> torch.Tensor:
+        """(N_names, ...) cosines -> (C, ...) the probabilities labels are decided on: as
+        :meth:`class_probabilities` but never renormalised. NACLIP takes the argmax and applies
+        ``prob_thd`` before it renormalises; renormalisation is for the returned scores only."""
+        return class_probabilities(cosine, vocabulary, self.settings.logit_scale)
 
     def labels(self, probs: torch.Tensor) -> torch.Tensor:
         """(C, H, W) class probabilities of a whole map -> (H, W) int64 labels; may zero small
@@ -204,25 +240,30 @@ class DenseClip(nn.Module):
             scores = self._refine(scores, state.guide, state.size)
         settings = self.settings
         to_probabilities = partial(self.class_probabilities, vocabulary=vocabulary)
+        to_decision = partial(self.decision_probabilities, vocabulary=vocabulary)
         scores = scores.cpu()
         if settings.area_thd > 0:
-            to_probabilities = self._without_small_classes(scores, state.size, to_probabilities,
-                                                           vocabulary.num_classes)
+            keep = self._small_class_filter(scores, state.size, to_decision,
+                                            vocabulary.num_classes)
+            to_probabilities = _times(to_probabilities, keep)
+            to_decision = _times(to_decision, keep)
         labels = labels_in_bands(
             scores, state.size,
-            lambda band: labels_from_probabilities(to_probabilities(band), settings.prob_thd),
+            lambda band: labels_from_probabilities(to_decision(band), settings.prob_thd),
         )
-        return Prediction(labels.numpy(), vocabulary.class_names, scores, to_probabilities)
+        prediction = Prediction(labels.numpy(), vocabulary.class_names, scores, to_probabilities)
+        if self.refiner is not None:
+            prediction = self.refiner(prediction, state.sam_features, state.size)
+        return prediction
 
-    def _without_small_classes(self, scores, size, to_probabilities, num_classes):
-        """SCLIP's area rule: the class probabilities with small classes zeroed, which needs
-        the argmax areas of the whole image first (counted a band at a time)."""
+    def _small_class_filter(self, scores, size, to_probabilities, num_classes) -> torch.Tensor:
+        """SCLIP's area rule: (C, 1, 1) 0 for the classes to zero, else 1; it needs the argmax
+        areas of the whole image first (counted a band at a time)."""
         counts = torch.zeros(num_classes, dtype=torch.int64)
         for _, band in score_bands(scores, size):
             argmax = to_probabilities(band).argmax(0).flatten().cpu()
             counts += torch.bincount(argmax, minlength=num_classes)
-        keep = small_class_mask(counts, self.settings.area_thd).view(-1, 1, 1)
-        return lambda band: to_probabilities(band) * keep.to(band.device, band.dtype)
+        return small_class_mask(counts, self.settings.area_thd).view(-1, 1, 1)
 
     def _refine(self, cosine: torch.Tensor, x: torch.Tensor, size) -> torch.Tensor:
         # guess: NACLIP refines at the original size with the normalised image resized to it
@@ -230,6 +271,11 @@ class DenseClip(nn.Module):
         cosine = F.interpolate(cosine[None], size=size, mode="bilinear", align_corners=False)
         guide = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return self.pamr(guide, cosine)[0]
+
+
+def _times(to_probabilities, keep: torch.Tensor):
+    """``to_probabilities`` with each class multiplied by ``keep`` (C, 1, 1)."""
+    return lambda band: to_probabilities(band) * keep.to(band.device, band.dtype)
 
 
 @dataclass
@@ -252,12 +298,14 @@ class DenseClipState(ImageState):
 
     resized: (h, w) of the resized image; windows: (where the batch lies, its features) per
         window batch, or one (None, features of the whole image) without windows;
-    guide: (1, 3, h, w) the CLIP-normalised resized image, PAMR's guide (None without PAMR).
+    guide: (1, 3, h, w) the CLIP-normalised resized image, PAMR's guide (None without PAMR);
+    sam_features: SAM features of the image for the refinement (None when it is off).
     """
 
     resized: tuple[int, int] = (0, 0)
     windows: list[tuple[WindowBatch | None, WindowFeatures]] = field(default_factory=list)
     guide: torch.Tensor | None = None
+    sam_features: SamFeatures | None = None
 
 
 def build_dense_clip(cfg) -> DenseClip:
@@ -265,12 +313,48 @@ def build_dense_clip(cfg) -> DenseClip:
     model_cfg = cfg.model
     device = resolve_device(model_cfg.device)
     mode = model_cfg.dense_clip.mode
+    refine = settings_from_config(model_cfg.refine, RefineConfig)
+    sam_proxy = mode == "proxy" and model_cfg.dense_clip.proxy == "sam"
+    # one SAM serves as the proxy and for the refinement when both want it
+    sam = sam_from_config(model_cfg, device) if refine.enabled or sam_proxy else None
     return DenseClip(
         clip_from_config(model_cfg, device),
         settings_from_config(model_cfg.dense_clip, DenseClipConfig),
         settings_from_config(model_cfg.inference, InferenceConfig),
         settings_from_config(model_cfg.pamr, PamrConfig),
         get_templates(cfg.text.templates),
-        dino=dino_from_config(model_cfg, device) if mode == "proxy" else None,
+        dino=proxy_from_config(model_cfg, device, sam) if mode == "proxy" else None,
         text_cache_dir=cfg.text.cache_dir or None,
+        sam=sam if refine.enabled else None,
+        refine=refine,
     )
+
+
+PROXY_MODELS = ("dino", "sam")
+PROXY_RESIZES = ("none", "crop")
+
+
+def proxy_from_config(
+    model_cfg, device: torch.device, sam: SamEncoder | None = None
+) -> nn.Module:
+    """ProxyCLIP's proxy model of ``cfg.model.dense_clip.proxy``: the DINO-family encoder of
+    ``model.dino``, or SAM's image encoder of ``model.sam`` (``sam`` when already built) as a
+    :class:`~ovseg.encoders.sam_proxy.SamProxy`."""
+    settings = model_cfg.dense_clip
+    if settings.proxy not in PROXY_MODELS:
+        raise ConfigError(f"model.dense_clip.proxy: unknown proxy model {settings.proxy!r}; "
+                          f"one of {', '.join(PROXY_MODELS)}")
+    if settings.proxy_resize not in PROXY_RESIZES:
+        raise ConfigError(f"model.dense_clip.proxy_resize: unknown value "
+                          f"{settings.proxy_resize!r}; one of {', '.join(PROXY_RESIZES)}")
+    if settings.proxy_resize == "crop" and model_cfg.inference.crop <= 0:
+        raise ConfigError("model.dense_clip.proxy_resize 'crop' needs sliding windows "
+                          "(model.inference.crop > 0)")
+    if settings.proxy == "dino":
+        return dino_from_config(model_cfg, device)
+    if "sam" not in model_cfg:
+        raise ConfigError("model.dense_clip.proxy 'sam' needs a model.sam section, which this "
+                          "config does not have")
+    from ovseg.encoders.sam_proxy import SamProxy
+
+    return SamProxy(sam if sam is not None else sam_from_config(model_cfg, device))

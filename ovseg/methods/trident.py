@@ -12,7 +12,8 @@ Training-free open-vocabulary segmentation (arXiv 2411.09219; ``specs/trident.md
    (``cityscapes_halves``, step 7);
 5. score with the text classifier (``score_with_text``), upsample, softmax over all names;
 6. a class scores the max over its names (``ovseg.layers.labels``), threshold to label 0;
-8. refine the labels with SAM prompted by each connected component (``refine_with_sam``).
+8. refine the labels with SAM prompted by each connected component (``model.refine``,
+   :mod:`ovseg.methods.sam_refine`, which any 2D method may use).
 
 Memory is bounded by the window batch (CLIP/DINO) and the SAM row chunk (attention), not by
 the image size; full-resolution maps are built a band of rows at a time.
@@ -35,21 +36,11 @@ from ovseg.encoders.dino import DinoEncoder
 from ovseg.encoders.sam import SamEncoder, SamFeatures, attention_in_chunks
 from ovseg.errors import ConfigError
 from ovseg.layers.attention import proxy_last_block
-from ovseg.layers.chunked_resize import bilinear_matrix
-from ovseg.layers.components import connected_components
 from ovseg.layers.labels import class_probabilities as scored_classes
 from ovseg.layers.labels import labels_from_probabilities
 from ovseg.layers.resize import check_image, image_tensor, rescale_size, resize_image
-from ovseg.layers.sam_prompts import (
-    best_point,
-    box_prompt,
-    longest_side_shape,
-    mask_prompt,
-    point_prompt,
-    prompt_scale,
-)
 from ovseg.layers.windows import Window, cut_windows, splice_windows, window_grid
-from ovseg.methods.base import BAND_ROWS, ImageState, Prediction, labels_in_bands
+from ovseg.methods.base import ImageState, Prediction, labels_in_bands
 from ovseg.methods.common import (
     TextClassifiers,
     clip_from_config,
@@ -58,9 +49,8 @@ from ovseg.methods.common import (
     settings_from_config,
 )
 from ovseg.methods.device import resolve_device
+from ovseg.methods.sam_refine import RefineConfig, SamRefiner, check_refine_settings
 from ovseg.text import Vocabulary, as_vocabulary, get_templates
-
-TRIDENT_COMPAT = ("fixed", "reference")
 
 
 @dataclass
@@ -89,24 +79,21 @@ class TridentConfig:
     prob_thd: float = 0.0
     # step 7: SAM on the left and right halves of the image (Cityscapes)
     cityscapes_halves: bool = False
-    # step 8: SAM refinement of the coarse labels (the one on/off switch)
-    refine: bool = True
-    coarse_thresh: float = 0.10  # ct: pixels and classes below it are not refined
-    min_component: int = 225  # pixels (at half resolution) of the smallest refined component
-    iou_thresh: float = 0.8  # keep SAM's mask when its predicted IoU is above this
-    mask_prompt_scale: float = 0.005  # mask prompt = probability x this where probability > ct
-    # "fixed": the spec's known faults corrected; "reference": refinement prompts scaled from
-    # the half-resolution size and the mask prompt passed unbatched, as the authors' code does
-    compat: str = "fixed"
+    # step 8 (SAM refinement) is cfg.model.refine (ovseg.methods.sam_refine.RefineConfig),
+    # which any 2D method may turn on; Trident's configs turn it on
 
 
 # ---- step 0: scale ---------------------------------------------------------------------------
 def processed_size(height: int, width: int, patch: int, min_side: int) -> tuple[int, int]:
-    """Size of the CLIP input after the mmseg resize (step 0's second half).
+    """Size of the CLIP input after the mmseg resize (step 0's second half), as the reference
+    computes it.
 
     Sides that are both multiples of ``patch`` stay as they are (even below ``min_side``).
-    Otherwise the long side goes to the next multiple of ``patch``, the short side scales with
-    it and is rounded up to a multiple of ``patch``, and each side is at least ``min_side``.
+    Otherwise the long side goes to the next multiple of ``patch``; each side becomes
+    ``int(side * target_long / long_side)`` (truncated), rounded up to a multiple of ``patch``
+    only when that integer is not one already, and at least ``min_side``. (Rounding the exact
+    product up instead gives another size for ~14 % of sizes, e.g. 336x351 -> 352x352 where the
+    reference has 336x352.)
 
     Args:
         height, width: the mmseg-resized size.
@@ -121,11 +108,13 @@ def processed_size(height: int, width: int, patch: int, min_side: int) -> tuple[
     long_side = max(height, width)
     target_long = -(-long_side // patch) * patch
 
-    def rounded_up(side: int) -> int:
-        # side * target_long / long_side, rounded up to a multiple of patch, in exact integers
-        return -(-side * target_long // (long_side * patch)) * patch
+    def scaled(side: int) -> int:
+        # int(side * target_long / long_side) in exact integers (the quotient is < 2**14, so
+        # the float division of the reference truncates to the same integer)
+        new_side = side * target_long // long_side
+        return -(-new_side // patch) * patch
 
-    return max(rounded_up(height), min_side), max(rounded_up(width), min_side)
+    return max(scaled(height), min_side), max(scaled(width), min_side)
 
 
 def scale_image(image: np.ndarray, clip: ClipEncoder, inference: InferenceConfig) -> torch.Tensor:
@@ -220,7 +209,8 @@ def proxy_window_features(
     tokens: list[torch.Tensor] = []
     dino_grid: tuple[int, int] = (0, 0)
     for batch in batches:
-        features = dino(dino.from_clip_normalized(cut_windows(x, batch)))
+        # re-normalised from the CLIP input's statistics (model.clip.normalize) to DINO's
+        features = dino(dino.renormalize(cut_windows(x, batch), *clip.input_stats))
         tokens.append(features.tokens)
         dino_grid = tuple(features.grid)
     mean = proxy_similarity_mean(tokens)
@@ -479,178 +469,6 @@ def class_probabilities(
     ).probabilities()
 
 
-# ---- step 8: refinement ----------------------------------------------------------------------
-def nearest_index(out_size: int, in_size: int) -> torch.Tensor:
-    """Source index of each output cell of a nearest resize: floor(i * in / out)."""
-    return torch.arange(out_size) * in_size // out_size
-
-
-def half_size(height: int, width: int) -> tuple[int, int]:
-    """Step 8's working size: half of each side, at least 1."""
-    # guess: half size floors, as scale_factor=0.5 does
-    return max(height // 2, 1), max(width // 2, 1)
-
-
-def half_resolution_bands(
-    bands: Iterable[tuple[slice, torch.Tensor]], size: tuple[int, int]
-) -> torch.Tensor:
-    """Bilinear (align_corners=False) downsampling of a (C, H, W) map given a band of rows at a
-    time to :func:`half_size`: (C, h, w) float32, without the whole map ever in memory.
-
-    Columns go through ``F.interpolate`` per band; each half-size row is the weighted sum of
-    its two source rows, added as their band arrives.
-    """
-    height, width = size
-    out_h, out_w = half_size(height, width)
-    weights = bilinear_matrix(out_h, height)  # (h, H): at most two non-zeros per row
-    out: torch.Tensor | None = None
-    for rows, band in bands:
-        band = band.float()
-        columns = F.interpolate(band[None], size=(band.shape[1], out_w), mode="bilinear",
-                                align_corners=False)[0]  # (C, rows, w)
-        if out is None:
-            out = torch.zeros((band.shape[0], out_h, out_w), dtype=torch.float32)
-        part = weights[:, rows]  # (h, rows)
-        touched = part.abs().sum(dim=1).nonzero().flatten()
-        out[:, touched] += torch.einsum("hr,crw->chw", part[touched], columns)
-    assert out is not None
-    return out
-
-
-def half_resolution(
-    labels: torch.Tensor, probs: torch.Tensor | Iterable[tuple[slice, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 8's input: labels (nearest) and probabilities (bilinear) at half the size.
-
-    Args:
-        labels: (H, W) int64; probs: (C, H, W) float32, or its bands as (row slice, (C, rows,
-            W)) pairs (:meth:`Prediction.bands`), so that the full map need not exist.
-
-    Returns:
-        (h, w) int64 and (C, h, w) float32, (h, w) = :func:`half_size`.
-    """
-    height, width = labels.shape
-    if isinstance(probs, torch.Tensor):
-        probs = [(slice(0, height), probs)]
-    half_probs = half_resolution_bands(probs, (height, width))
-    out_h, out_w = half_probs.shape[1:]
-    rows, cols = nearest_index(out_h, height), nearest_index(out_w, width)
-    return labels[rows[:, None], cols[None, :]], half_probs
-
-
-def refine_with_sam(
-    sam: SamEncoder,
-    features: SamFeatures,
-    labels: torch.Tensor,
-    probs: torch.Tensor,
-    settings: TridentConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 8: SAM refinement of coarse labels, one decoder call per connected component.
-
-    Pixels whose top probability is below ct are left out; every class whose max probability
-    reaches ct is refined, background included. Each 8-connected component of at least
-    ``min_component`` pixels prompts SAM with its box, one positive point at its highest
-    probability and the class's mask prompt (:func:`ovseg.layers.sam_prompts.mask_prompt`),
-    single-mask output. A mask with predicted IoU > ``iou_thresh`` is kept: on its pixels
-    (logit > 0) the class scores sigmoid(logit) x probability, max over the class's kept masks.
-    A rejected component's pixels score the coarse probability instead. Every pixel scored
-    this way takes the argmax of the scores; the others keep the coarse label.
-
-    Args:
-        sam: the encoder whose ``predict_masks`` / ``postprocess_masks`` decode the prompts.
-        features: SAM features of the whole image, ``input_size`` set.
-        labels: (h, w) int64 coarse labels; probs: (C, h, w) float32 class probabilities
-            (both at half resolution).
-
-    Returns:
-        refined (h, w) int64 labels and (h, w) bool, the pixels the refinement decided.
-    """
-    height, width = labels.shape
-    threshold = settings.coarse_thresh
-    if settings.compat == "reference":
-        # the authors' frame: the half-resolution size resized to SAM's long side
-        frame = longest_side_shape(height, width, sam.img_size)
-    else:
-        frame = features.input_size
-    scale = prompt_scale((height, width), frame)
-    confident = probs.amax(dim=0) >= threshold
-    # the argmax over classes of each class's max score, kept as a running best so that no
-    # (C, h, w) score tensor is needed; classes come in order and only a higher score wins,
-    # so ties go to the lower class index as an argmax would
-    best_score = torch.full((height, width), -1.0)
-    refined = labels.clone()
-    decided = torch.zeros((height, width), dtype=torch.bool)
-    for index in range(probs.shape[0]):
-        class_probs = probs[index]
-        if float(class_probs.max()) < threshold:
-            continue
-        components = connected_components(((labels == index) & confident).numpy())
-        large = [k for k in range(len(components)) if components.areas[k] >= settings.min_component]
-        if not large:
-            continue
-        mask_input = mask_prompt(
-            class_probs, frame, sam.img_size, threshold, settings.mask_prompt_scale
-        )
-        if settings.compat == "reference":
-            mask_input = mask_input[0]  # unbatched (1, 256, 256), as the authors pass it
-        for k in large:
-            rows, cols = components.box_slices(k)
-            inside = torch.from_numpy(components.mask_in_box(k))
-            point = best_point(class_probs[rows, cols], inside, (cols.start, rows.start))
-            coords, point_labels = point_prompt(point, scale)
-            mask_logits, iou = sam.predict_masks(
-                features, coords, point_labels, box_prompt(components.boxes[k], scale),
-                mask_input, multimask_output=False,
-            )
-            if float(iou.flatten()[0]) > settings.iou_thresh:
-                logit = sam.postprocess_masks(mask_logits[:, :1], features.input_size,
-                                              (height, width))
-                logit = logit[0, 0].float().cpu()
-                region = logit > 0  # SAM's mask threshold
-                score = torch.sigmoid(logit) * class_probs
-                _take_higher(best_score, refined, region, score, index)
-                decided |= region
-            else:  # a rejected component competes with its coarse probability
-                _take_higher(best_score[rows, cols], refined[rows, cols], inside,
-                             class_probs[rows, cols], index)
-                decided[rows, cols] |= inside
-    return refined, decided
-
-
-def _take_higher(
-    best_score: torch.Tensor, best_label: torch.Tensor, region: torch.Tensor,
-    score: torch.Tensor, index: int,
-) -> None:
-    """Where ``region`` holds and ``score`` beats ``best_score``: take it and label ``index``
-    (in place; the first two may be views)."""
-    better = region & (score > best_score)
-    best_score[better] = score[better]
-    best_label[better] = index
-
-
-def merge_refined_labels(
-    labels: torch.Tensor, refined: torch.Tensor, decided: torch.Tensor
-) -> torch.Tensor:
-    """Write half-resolution refined labels into full-resolution labels, in place.
-
-    Args:
-        labels: (H, W) int64 coarse labels at the original size (modified).
-        refined: (h, w) int64; decided: (h, w) bool, from :func:`refine_with_sam`.
-
-    Returns:
-        ``labels``: nearest-upsampled refined labels where the refinement decided, else as is.
-    """
-    height, width = labels.shape
-    rows = nearest_index(height, refined.shape[0])
-    cols = nearest_index(width, refined.shape[1])
-    for start in range(0, height, BAND_ROWS):
-        band = slice(start, min(start + BAND_ROWS, height))
-        source = rows[band]
-        labels[band] = torch.where(decided[source][:, cols], refined[source][:, cols],
-                                   labels[band])
-    return labels
-
-
 # ---- the model -------------------------------------------------------------------------------
 class Trident(nn.Module):
     """Training-free Trident segmentor: ``predict(image, vocabulary) -> Prediction``."""
@@ -664,12 +482,9 @@ class Trident(nn.Module):
         inference: InferenceConfig,
         templates: list[str],
         text_cache_dir: str | None = None,
+        refine: RefineConfig | None = None,
     ):
         super().__init__()
-        if settings.compat not in TRIDENT_COMPAT:
-            raise ConfigError(
-                f"model.trident.compat: {settings.compat!r} is not one of {TRIDENT_COMPAT}"
-            )
         patch = clip.patch_size
         for key in ("crop", "stride"):
             value = getattr(inference, key)
@@ -693,6 +508,9 @@ class Trident(nn.Module):
         self.settings = settings
         self.inference = inference
         self.text_classifier = TextClassifiers(clip, templates, text_cache_dir)
+        refine = refine or RefineConfig()
+        check_refine_settings(refine)
+        self.refiner = SamRefiner(sam, refine) if refine.enabled else None
 
     @property
     def device(self) -> torch.device:
@@ -738,11 +556,12 @@ class Trident(nn.Module):
         sam_image = sam_input_image(image, self.clip.patch_size)
         aggregated, features = self.aggregate(canvas, sam_image)
         del canvas
-        if self.settings.refine and features is None:
+        if self.refiner is not None and features is None:
             features = self.sam_features(sam_image)  # Cityscapes: SAM again on the whole image
         return TridentState(
             size=(int(image.shape[0]), int(image.shape[1])), aggregated=aggregated,
-            sam_features=features if self.settings.refine else None,
+            sam_features=features if self.refiner is not None else None,
+            sam_image_size=(int(sam_image.shape[0]), int(sam_image.shape[1])),
         )
 
     @torch.inference_mode()
@@ -764,9 +583,9 @@ class Trident(nn.Module):
                 precomputed; None = from the text encoder (cached per vocabulary).
 
         Returns:
-            :class:`Prediction`: labels (H, W) int64 after refinement (when on); the scores are
-            the name cosines on SAM's grid, whose probabilities (steps 5-6) are before
-            refinement.
+            :class:`Prediction`: labels (H, W) int64; the scores are the name cosines on SAM's
+            grid, whose bands are the class probabilities of steps 5-6; after refinement (when
+            on) the bands are the refined scores the labels were taken from.
         """
         state = image if isinstance(image, TridentState) else self.encode(image)
         vocabulary = as_vocabulary(vocabulary)
@@ -780,11 +599,8 @@ class Trident(nn.Module):
             lambda band: labels_from_probabilities(to_probabilities(band), settings.prob_thd),
         )
         prediction = Prediction(labels.numpy(), vocabulary.class_names, cosine, to_probabilities)
-        if settings.refine:
-            half_labels, half_probs = half_resolution(labels, prediction.bands())
-            refined, decided = refine_with_sam(self.sam, state.sam_features, half_labels,
-                                               half_probs, settings)
-            prediction.labels = merge_refined_labels(labels, refined, decided).numpy()
+        if self.refiner is not None:
+            prediction = self.refiner(prediction, state.sam_features, state.sam_image_size)
         return prediction
 
 
@@ -794,11 +610,13 @@ class TridentState(ImageState):
 
     aggregated: (D, hs, ws) float32 CLIP features after the splice and SAM aggregation (step 4),
         before ln_post; the vocabulary only enters after them.
-    sam_features: SAM features of the whole image for the refinement (None when it is off).
+    sam_features: SAM features of the whole image for the refinement (None when it is off);
+    sam_image_size: (Hs, Ws) of the image SAM was given (step 4's input).
     """
 
     aggregated: torch.Tensor = None  # type: ignore[assignment]
     sam_features: SamFeatures | None = None
+    sam_image_size: tuple[int, int] = (0, 0)
 
 
 def build_trident(cfg) -> Trident:
@@ -813,4 +631,5 @@ def build_trident(cfg) -> Trident:
         settings_from_config(model_cfg.inference, InferenceConfig),
         get_templates(cfg.text.templates),
         text_cache_dir=cfg.text.cache_dir or None,
+        refine=settings_from_config(model_cfg.refine, RefineConfig),
     )

@@ -109,11 +109,22 @@ VILD_TEMPLATES: tuple[str, ...] = (
     "There is a large {} in the scene.",
 )
 
+# MaskCLIP's own 85 (chongzhou96/MaskCLIP, tools/maskclip_utils/prompt_engineering.py): the 80
+# above, then five "... in the scene" ones, lowercase as written there.
+MASKCLIP_TEMPLATES: tuple[str, ...] = OPENAI_IMAGENET_TEMPLATES + (
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "this is a {} in the scene.",
+    "this is the {} in the scene.",
+    "this is one {} in the scene.",
+)
+
 SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "openai_imagenet": OPENAI_IMAGENET_TEMPLATES,
     "vild": VILD_TEMPLATES,
+    "maskclip": MASKCLIP_TEMPLATES,
     "single": SINGLE_TEMPLATE,
 }
 
