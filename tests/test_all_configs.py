@@ -119,7 +119,7 @@ def test_config_loads_builds_on_tiny_encoders_and_keeps_its_settings(path, cache
     assert cfg.model.name == name
     # the built model runs the config's settings, untouched by the encoder overrides
     assert asdict(model.inference) == _section(raw.model.inference)
-    if name in ("dense_clip", "trident"):
+    if name in ("dense_clip", "trident", "clip_dinoiser"):
         assert asdict(model.settings) == _section(raw.model[name])
     if name == "dense_clip":
         assert (model.dino is not None) == (raw.model.dense_clip.mode == "proxy")

@@ -31,6 +31,7 @@ def test_each_method_config_holds_exactly_its_sections(tmp_path):
         "trident": {"clip", "dino", "sam", "inference", "trident", "refine"},
         "dense_clip": {"clip", "dino", "sam", "inference", "dense_clip", "pamr", "refine"},
         "linear_probe": {"clip", "inference"},
+        "clip_dinoiser": {"clip", "dino", "inference", "clip_dinoiser"},
     }
     assert set(METHODS) == set(expected)
     for name, sections in expected.items():

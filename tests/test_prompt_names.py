@@ -33,11 +33,13 @@ BENCHMARKS = (
 )  # fmt: skip
 SETS = ("sclip", "proxyclip")
 # every file shipped per set: SCLIP/NACLIP's 8; ProxyCLIP's 8 plus ADE-847 and Context-459;
-# MaskCLIP's own four (plain names, no background)
+# MaskCLIP's own four (plain names, no background); CLIP-DINOiser's three with a background
 SHIPPED_FILES = {
     "sclip": BENCHMARKS,
     "proxyclip": (*BENCHMARKS, "ade20k_847", "pcontext_459"),
     "maskclip": ("voc_20", "pcontext_59", "coco_stuff_171", "cityscapes_19"),
+    # CLIP-DINOiser's: the catalog's names with the literal "background" as class 0
+    "clip_dinoiser": ("voc_21", "coco_object_81", "pcontext_60"),
 }
 SHIPPED = [(s, b) for s, benchmarks in SHIPPED_FILES.items() for b in benchmarks]
 

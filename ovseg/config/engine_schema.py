@@ -12,6 +12,14 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class ParamGroupConfig:
+    """The learning rate of one named parameter group of a method (``solver.param_groups``)."""
+
+    name: str = ""
+    lr: float = 1e-4
+
+
+@dataclass
 class SolverConfig:
     max_iter: int = 1000
     # images per optimizer step over all processes and accumulation steps together, so that
@@ -21,6 +29,9 @@ class SolverConfig:
 
     optimizer: str = "adamw"  # adamw | sgd
     base_lr: float = 1e-4
+    # learning rates of a method's named parameter groups (clip_dinoiser: correlation,
+    # background), e.g. [{name: background, lr: 0.01}]; a group not listed trains at base_lr
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
     weight_decay: float = 0.01
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd

@@ -238,6 +238,7 @@ class MetricsWriter(HookBase):
             "total_loss": sum(losses.values()),
             **losses,
             "lr": trainer.last_lr,
+            **{f"lr/{name}": lr for name, lr in getattr(trainer, "last_lrs", {}).items()},
             "time": step_time,
             "data_time": data_time,
             "eta_seconds": eta,

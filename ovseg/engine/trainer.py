@@ -8,7 +8,11 @@ A trainable method is an ``nn.Module`` with
 - ``train_dataset(cfg) -> Sequence``: its training samples (dicts of arrays, collated by
   torch's ``default_collate`` unless the method has a ``collate(samples)``);
 - optionally ``trainable_parameters()``: what the optimizer updates; by default every
-  parameter with ``requires_grad``. Frozen encoders never enter the optimizer.
+  parameter with ``requires_grad``. Frozen encoders never enter the optimizer;
+- optionally ``optimizer_param_groups(solver) -> list[dict]``: the trainable parameters split
+  into named groups (``{"name": str, "params": [...]}``, torch's param-group dicts); each
+  group trains at the ``lr`` of its entry in ``solver.param_groups`` (default
+  ``solver.base_lr``), or at its own ``"lr"`` when the method sets one.
 
 One iteration is one optimizer step over ``solver.ims_per_batch`` images, split over the
 processes and ``solver.grad_accum_steps`` micro-batches. Hooks (``ovseg.engine.hooks``) do
@@ -96,8 +100,60 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------- optimizer, LR
 
 
-def build_optimizer(solver, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW or SGD over ``params`` with the settings of ``cfg.solver``."""
+def param_groups(
+    solver, params: Sequence[nn.Parameter], method: nn.Module | None = None
+) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one group of ``params``, or the method's named groups
+    (``optimizer_param_groups(solver)``, see the module docstring) with their learning rates.
+
+    Raises:
+        ConfigError: ``solver.param_groups`` names a group the method does not have.
+        TrainingError: the groups do not hold each of ``params`` exactly once.
+    """
+    group_lrs: dict[str, float] = {}
+    for entry in getattr(solver, "param_groups", None) or []:
+        name = str(entry.name)
+        if not name or name in group_lrs:
+            problem = f"group {name!r} is listed twice" if name else "an entry has no name"
+            raise ConfigError(f"solver.param_groups: {problem}")
+        group_lrs[name] = float(entry.lr)
+    provider = getattr(method, "optimizer_param_groups", None)
+    if not callable(provider):
+        if group_lrs:
+            raise ConfigError(
+                f"solver.param_groups names groups {sorted(group_lrs)}, but "
+                f"{type(method).__name__} trains one group of parameters (at solver.base_lr)"
+            )
+        return [{"params": list(params)}]
+    groups = []
+    for group in provider(solver):
+        group = dict(group)
+        group["params"] = list(group["params"])
+        group.setdefault("name", f"group{len(groups)}")
+        if "lr" not in group:
+            group["lr"] = group_lrs.get(group["name"], float(solver.base_lr))
+        groups.append(group)
+    names = [g["name"] for g in groups]
+    unknown = sorted(set(group_lrs) - set(names))
+    if unknown:
+        raise ConfigError(f"solver.param_groups: unknown parameter groups {unknown}; "
+                          f"{type(method).__name__} has {names}")
+    grouped = [id(p) for g in groups for p in g["params"]]
+    if len(grouped) != len(set(grouped)) or set(grouped) != {id(p) for p in params}:
+        raise TrainingError(
+            f"{type(method).__name__}.optimizer_param_groups must hold each trainable "
+            f"parameter exactly once ({len(grouped)} in groups {names}, {len(params)} trainable)"
+        )
+    return groups
+
+
+def build_optimizer(
+    solver, params: Sequence[nn.Parameter], method: nn.Module | None = None
+) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``params`` with the settings of ``cfg.solver``; with ``method``, in
+    its parameter groups (:func:`param_groups`)."""
+    if method is not None:
+        params = param_groups(solver, params, method)  # type: ignore[assignment]
     name = str(solver.optimizer).lower()
     if name == "adamw":
         betas = tuple(float(b) for b in solver.betas)
@@ -284,7 +340,8 @@ class Trainer:
         seed: seeds the loader's workers (with the rank and the start position).
 
     Attributes read by hooks: ``iter`` (completed steps), ``start_iter``, ``max_iter``,
-    ``last_losses`` ({name: float} of the last step, this process), ``last_lr``,
+    ``last_losses`` ({name: float} of the last step, this process), ``last_lr`` (of the first
+    parameter group), ``last_lrs`` ({group name: lr} when there are several groups, else {}),
     ``last_step_time``, ``last_data_time`` (seconds).
     """
 
@@ -332,6 +389,7 @@ class Trainer:
         self.max_iter = 0
         self.last_losses: dict[str, float] = {}
         self.last_lr = float(optimizer.param_groups[0]["lr"])
+        self.last_lrs = self._group_lrs()
         self.last_step_time = 0.0
         self.last_data_time = 0.0
         self.failed = False
@@ -420,6 +478,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
         self.last_lr = float(self.optimizer.param_groups[0]["lr"])
+        self.last_lrs = self._group_lrs()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -429,6 +488,13 @@ class Trainer:
         self.last_losses = {name: float(value) for name, value in summed.items()}
         self.last_data_time = data_time
         self.last_step_time = time.perf_counter() - started
+
+    def _group_lrs(self) -> dict[str, float]:
+        """{group name: lr} when the optimizer has more than one group, else {}."""
+        groups = self.optimizer.param_groups
+        if len(groups) < 2:
+            return {}
+        return {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(groups)}
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -464,7 +530,7 @@ def build_trainer(cfg, method: nn.Module) -> Trainer:
     world = comm.get_world_size()
     batch_size = per_process_batch_size(solver.ims_per_batch, world, solver.grad_accum_steps)
     params = trainable_parameters(method)
-    optimizer = build_optimizer(solver, params)
+    optimizer = build_optimizer(solver, params, method)
     scheduler = build_lr_scheduler(solver, optimizer)
     dataset = method.train_dataset(cfg)
     device = params[0].device

@@ -10,12 +10,15 @@ from __future__ import annotations
 from ovseg.config.method import Method
 from ovseg.errors import ConfigError
 from ovseg.methods.base import Prediction
+from ovseg.methods.clip_dinoiser import ClipDinoiserConfig, build_clip_dinoiser
 from ovseg.methods.dense_clip import DenseClip, DenseClipConfig, PamrConfig, build_dense_clip
 from ovseg.methods.linear_probe import build_linear_probe
 from ovseg.methods.sam_refine import RefineConfig
 from ovseg.methods.trident import TridentConfig, build_trident
 
 METHODS: dict[str, Method] = {
+    "clip_dinoiser": Method(build_clip_dinoiser, ClipDinoiserConfig,
+                            reads=("clip", "dino", "inference")),
     "dense_clip": Method(build_dense_clip, DenseClipConfig,
                          reads=("clip", "dino", "sam", "inference"),
                          extra={"pamr": PamrConfig, "refine": RefineConfig}),

@@ -50,7 +50,7 @@ from ovseg.layers.sam_prompts import (
     point_prompt,
     prompt_scale,
 )
-from ovseg.methods.base import Prediction
+from ovseg.methods.base import Prediction, band_rows_for
 
 REFINE_COMPAT = ("fixed", "reference")
 
@@ -264,12 +264,24 @@ class Refinement:
                 band = F.interpolate(band, size=(r, target), mode="bilinear", align_corners=False)
         return band[0]
 
-    def merge(self, rows: slice, coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mask_bands(self, rows: slice) -> list[tuple[int, torch.Tensor]]:
+        """(class, (K, len(rows), W) full-resolution logits of its accepted masks) of a band,
+        for every class with accepted masks."""
+        return [(masks.index, self.mask_logits(masks.logits, rows))
+                for masks in self.classes if masks.logits.shape[0]]
+
+    def merge(
+        self,
+        rows: slice,
+        coarse: torch.Tensor,
+        mask_bands: list[tuple[int, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Refined scores of a band.
 
         Args:
             rows: the band's rows at full resolution.
             coarse: (C, rows, W) float32 coarse class probabilities of the band.
+            mask_bands: :meth:`mask_bands` of the band, when already made.
 
         Returns:
             scores (C, rows, W) float32: where a mask decided, per class the max over its
@@ -279,13 +291,10 @@ class Refinement:
         """
         refined = torch.zeros_like(coarse)
         decided = torch.zeros(coarse.shape[1:], dtype=torch.bool)
-        for masks in self.classes:
-            if masks.logits.shape[0] == 0:
-                continue
-            logits = self.mask_logits(masks.logits, rows)
+        for index, logits in mask_bands if mask_bands is not None else self.mask_bands(rows):
             union = (logits > 0).any(dim=0)
-            score = torch.sigmoid(logits).amax(dim=0) * coarse[masks.index]
-            refined[masks.index] = torch.where(union, score, torch.zeros_like(score))
+            score = torch.sigmoid(logits).amax(dim=0) * coarse[index]
+            refined[index] = torch.where(union, score, torch.zeros_like(score))
             decided |= union
         if self.compat == "fixed":
             source_rows = nearest_index(self.size[0], self.half[0])[rows]
@@ -359,9 +368,13 @@ class SamRefiner:
             tuple(features.input_size), tuple(sam_image_size), self.settings.compat,
         )
         labels = coarse_labels.clone()
-        if answers:
-            for rows, coarse in prediction.bands():
-                scores, decided = refinement.merge(rows, coarse)
-                labels[rows] = torch.where(decided, scores.argmax(dim=0), labels[rows])
+        band_rows = band_rows_for(prediction.scores.shape[0], size[1])  # as prediction.bands()
+        for start in range(0, size[0], band_rows):
+            rows = slice(start, min(start + band_rows, size[0]))
+            mask_bands = refinement.mask_bands(rows)
+            if not any(bool((logits > 0).any()) for _, logits in mask_bands):
+                continue  # no accepted mask reaches these rows: the coarse labels stay
+            scores, decided = refinement.merge(rows, prediction.band(rows), mask_bands)
+            labels[rows] = torch.where(decided, scores.argmax(dim=0), labels[rows])
         return RefinedPrediction(labels.numpy(), prediction.classes, prediction.scores,
                                  prediction.to_probabilities, refinement=refinement)
