@@ -8,5 +8,10 @@ networks never load another's), e.g.
   strict file loading and the converter of the authors' ``last.pt``;
 - :mod:`ovseg.modeling.found`: FOUND's trained saliency decoder (CLIP-DINOiser's background
   teacher) and the strict loader of its released ``decoder_weights.pt``;
-- :mod:`ovseg.modeling.files`: reading the authors' nested weight files strictly.
+- :mod:`ovseg.modeling.files`: reading the authors' nested weight files strictly;
+- :mod:`ovseg.modeling.mask_proposal`: mask-adapted CLIP's MaskFormer proposal network
+  (R101c, Swin-B, tiny backbones; FPN; transformer decoder; CLIP-text class head) and the key
+  map of the authors' checkpoints; :mod:`ovseg.modeling.matcher` and
+  :mod:`ovseg.modeling.mask_criterion`: its Hungarian matching and losses;
+  :mod:`ovseg.modeling.mask_prompt_tuning`: mask prompt tuning of CLIP's ViT.
 """
