@@ -83,7 +83,7 @@ def load_found_decoder(
     """
     if not str(path).strip():
         raise WeightsError(f"no FOUND decoder file given; set {config_key} to FOUND's "
-                           "data/weights/decoder_weights.pt (github.com/valeoai/FOUND)")
+                           "data/weights/decoder_weights.pt (the valeoai/FOUND repository)")
     state = read_tensor_file(path, config_key=config_key, what="FOUND decoder",
                              wrappers=(FOUND_WRAPPER,))
     decoder = FoundDecoder(in_dim)
