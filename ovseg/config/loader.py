@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ovseg.config.method import Method, default_config, section_owners
+from ovseg.config.ranges import check_ranges
 from ovseg.config.schema import Config, ModelConfig
 from ovseg.errors import ConfigError
 
@@ -324,7 +325,9 @@ def structured_default(name: str, methods: Mapping[str, Method] | None = None) -
     return cfg
 
 
-def _override_pairs(overrides: Sequence[str]) -> list[tuple[Any, Any]]:
+def _override_pairs(overrides: Sequence[str] | Mapping[str, Any]) -> list[tuple[Any, Any]]:
+    if isinstance(overrides, Mapping):  # {"model.inference.crop": 448, ...}
+        return list(overrides.items())
     if isinstance(overrides, str | bytes):
         raise ConfigError(
             f"{COMMAND_LINE}: overrides must be a list of KEY VALUE items, not one string "
@@ -339,7 +342,9 @@ def _override_pairs(overrides: Sequence[str]) -> list[tuple[Any, Any]]:
     return list(zip(items[0::2], items[1::2], strict=True))
 
 
-def _method_name(files: Mapping[Path, Mapping[str, Any]], overrides: Sequence[str]) -> str:
+def _method_name(
+    files: Mapping[Path, Mapping[str, Any]], overrides: Sequence[str] | Mapping[str, Any]
+) -> str:
     """`model.name` as the files and then the overrides set it (the schema depends on it)."""
     name: Any = ModelConfig.name
     source = "the default"
@@ -368,7 +373,7 @@ def _method_name(files: Mapping[Path, Mapping[str, Any]], overrides: Sequence[st
 
 def get_config(
     path_or_name: str | os.PathLike[str],
-    overrides: Sequence[str] = (),
+    overrides: Sequence[str] | Mapping[str, Any] = (),
     methods: Mapping[str, Method] | None = None,
 ) -> DictConfig:
     """Load a config file, its `_base_` files and `overrides` into a typed, struct-mode config.
@@ -381,7 +386,8 @@ def get_config(
     Args:
         path_or_name: an existing file, or a name relative to the configs directory
             (`$OVSEG_CONFIGS`, else `<repo>/configs`), e.g. "dense_clip/maskclip_vitb16.yaml".
-        overrides: trailing `KEY VALUE` pairs, e.g. ["model.inference.crop", "448"].
+        overrides: trailing `KEY VALUE` pairs, e.g. ["model.inference.crop", "448"], or a
+            mapping {"model.inference.crop": 448} (values as typed).
         methods: method name -> :class:`ovseg.config.method.Method`.
 
     Returns:
@@ -420,7 +426,9 @@ def _parse_value(raw: Any, current: Any) -> Any:
 
 
 def apply_overrides(
-    cfg: DictConfig, overrides: Sequence[str], methods: Mapping[str, Method] | None = None
+    cfg: DictConfig,
+    overrides: Sequence[str] | Mapping[str, Any],
+    methods: Mapping[str, Method] | None = None,
 ) -> DictConfig:
     """A copy of `cfg` with detectron2-style `KEY VALUE` overrides applied, left to right.
 
@@ -456,6 +464,7 @@ def apply_overrides(
                 f"{result.model.name!r} once a config is loaded (its sections are the method's); "
                 "give it with the config file, e.g. ovseg.get_config(path, ['model.name', ...])"
             )
+    check_ranges(result)
     return result
 
 

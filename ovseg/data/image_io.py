@@ -111,6 +111,56 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise ImageReadError(f"cannot read image {path}: {_reason(error)}") from error
 
 
+def as_rgb_image(image, who: str = "predict") -> np.ndarray:
+    """What every method's ``encode``/``predict`` accepts, as an (H, W, 3) uint8 RGB array.
+
+    Accepted and converted:
+    - an (H, W, 3) uint8 numpy array: returned as it is (RGB order assumed);
+    - (H, W) or (H, W, 1) uint8 gray: repeated into three channels;
+    - (H, W, 4) uint8 RGBA: alpha dropped (the stored colours are the scene);
+    - (3, H, W) / (4, H, W) / (1, H, W) uint8 channel-first arrays: moved to channel-last;
+    - a torch tensor of any of those shapes (uint8): taken to the CPU as numpy;
+    - a PIL image: converted to RGB (:func:`read_image`'s conversions);
+    - a path (str or os.PathLike): read with :func:`read_image`.
+
+    Refused with one ``ValueError`` line naming ``who``: float images (convert them yourself:
+    ``np.rint(image * 255).astype(np.uint8)`` for [0, 1] data; the range of a float image cannot
+    be told from its values), NaN/Inf, other integer types (e.g. 16-bit), empty images and any
+    other shape or type.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(image) or image)
+    if type(image).__module__.startswith("torch"):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{who} expects an (H, W, 3) uint8 RGB image (numpy array, torch "
+                         f"tensor, PIL image or file path), got {type(image).__name__}")
+    where = f"{who} got a {image.dtype} image of shape {image.shape}"
+    if np.issubdtype(image.dtype, np.floating):
+        bad = "NaN/Inf values; " if not np.isfinite(image).all() else ""
+        raise ValueError(f"{where}: {bad}float images are not accepted, give uint8 0-255 RGB "
+                         "(e.g. np.rint(image * 255).astype(np.uint8) for [0, 1] data)")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{where}: give uint8 0-255 RGB (16-bit and other integer images "
+                         "have no single 8-bit reading; convert them first)")
+    if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
+        image = np.moveaxis(image, 0, -1)  # channel-first
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{where}: expected (H, W, 3) RGB, (H, W) gray, (H, W, 4) RGBA or "
+                         "(3, H, W)")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{where}: the image is empty")
+    return np.ascontiguousarray(image)
+
+
 def _is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 

@@ -73,13 +73,13 @@ def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(logits, size=target, mode="bilinear", align_corners=False)
 
 
-def check_image(image, who: str) -> None:
-    """Raise a one-line ValueError unless ``image`` is an (H, W, 3) uint8 RGB numpy array."""
-    if (not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3
-            or image.dtype != np.uint8):
-        shape = getattr(image, "shape", None)
-        dtype = getattr(image, "dtype", type(image).__name__)
-        raise ValueError(f"{who} expects an (H, W, 3) uint8 RGB image, got {shape} {dtype}")
+def check_image(image, who: str) -> np.ndarray:
+    """``image`` as an (H, W, 3) uint8 RGB numpy array, converted from the accepted forms
+    (gray, RGBA, channel-first, torch tensors, PIL images, paths), or a one-line ValueError
+    (floats, NaN/Inf, other types): :func:`ovseg.data.image_io.as_rgb_image`."""
+    from ovseg.data.image_io import as_rgb_image
+
+    return as_rgb_image(image, who)
 
 
 def image_tensor(

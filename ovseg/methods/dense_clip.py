@@ -153,7 +153,7 @@ class DenseClip(nn.Module):
         """Resize an (H, W, 3) uint8 RGB image by its short side and run CLIP (and DINO) over
         its sliding windows: all that does not depend on the vocabulary, kept per window batch
         for :meth:`predict`."""
-        check_image(image, "DenseClip")
+        image = check_image(image, "DenseClip")
         inference = self.inference
         height, width = image.shape[:2]
         size = rescale_size(height, width, inference.short_side, inference.max_long_side)

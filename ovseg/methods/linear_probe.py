@@ -154,7 +154,7 @@ class LinearProbe(nn.Module):
                 f"{vocabulary.num_classes} classes ({', '.join(vocabulary.class_names[:5])}"
                 f"{', ...' if vocabulary.num_classes > 5 else ''})"
             )
-        check_image(image, "LinearProbe")
+        image = check_image(image, "LinearProbe")
         height, width = image.shape[:2]
         settings = self.inference
         size = rescale_size(height, width, settings.short_side, settings.max_long_side)

@@ -551,7 +551,7 @@ class Trident(nn.Module):
     def encode(self, image: np.ndarray) -> TridentState:
         """Steps 0-4 (and 7) of an (H, W, 3) uint8 RGB image: all that does not depend on the
         vocabulary (CLIP, DINO and SAM forwards), kept for :meth:`predict`."""
-        check_image(image, "Trident")
+        image = check_image(image, "Trident")
         canvas = self.spliced_features(scale_image(image, self.clip, self.inference))
         sam_image = sam_input_image(image, self.clip.patch_size)
         aggregated, features = self.aggregate(canvas, sam_image)

@@ -199,7 +199,7 @@ class ClipDinoiser(nn.Module):
     def encode(self, image: np.ndarray) -> ClipDinoiserState:
         """Resize an (H, W, 3) uint8 RGB image by its short side and run CLIP and the heads
         over its sliding windows; kept per window batch for :meth:`predict`."""
-        check_image(image, "ClipDinoiser")
+        image = check_image(image, "ClipDinoiser")
         inference = self.inference
         height, width = image.shape[:2]
         size = rescale_size(height, width, inference.short_side, inference.max_long_side)
