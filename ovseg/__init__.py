@@ -17,10 +17,19 @@ def get_config(path_or_name, overrides=()):
 
 
 def build_model(cfg):
-    """Build the method named by ``cfg.model.name`` from the registry in ``ovseg.methods``."""
+    """Build the method named by ``cfg.model.name`` from the registry in ``ovseg.methods``, and
+    load ``cfg.model.weights`` (trained ovseg weights) into it when set, so the Python API, the
+    demo and ``tools/train_net.py`` load them the same way (a missing or misfitting file is one
+    ``CheckpointError`` line naming it)."""
     from ovseg.methods import build_model as _build_model
 
-    return _build_model(cfg)
+    model = _build_model(cfg)
+    weights = str(cfg.model.weights or "")
+    if weights:
+        from ovseg.engine.checkpoint import load_trained_weights
+
+        load_trained_weights(model, weights, include_frozen=cfg.solver.checkpoint_frozen)
+    return model
 
 
 __all__ = ["build_model", "get_config", "__version__"]

@@ -151,7 +151,7 @@ def main_worker(args: argparse.Namespace) -> None:
         if name is not None:
             checkpointer.load(name, model_only=True)
         elif weights:
-            checkpointer.load_weights(weights)
+            logger.info("evaluating with model.weights %s", weights)  # build_model loaded them
         elif callable(getattr(model, "loss", None)):
             logger.warning("evaluating %s with untrained weights: pass --resume (the last "
                            "checkpoint of output_dir) or model.weights", cfg.model.name)
@@ -171,7 +171,9 @@ def main_worker(args: argparse.Namespace) -> None:
     trainer.register_hooks(
         default_hooks(cfg, checkpointer, periodic_evaluation if cfg.datasets.test else None)
     )
-    start_iter = checkpointer.resume_or_load(weights, resume=args.resume)
+    # model.weights are already in the model (ovseg.build_model loads them); a resumable
+    # checkpoint of output_dir replaces them
+    start_iter = checkpointer.resume_or_load("", resume=args.resume)
     if start_iter >= cfg.solver.max_iter:
         logger.info("the checkpoint is at iteration %d, solver.max_iter is %d: nothing to "
                     "train", start_iter, cfg.solver.max_iter)

@@ -460,3 +460,16 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
 
+
+def load_trained_weights(
+    model: nn.Module, path: str | os.PathLike[str], include_frozen: bool = False
+) -> None:
+    """Load trained ovseg weights (``cfg.model.weights``) into a built model: the one loading
+    path of the Python API, the demo and ``tools/train_net.py`` (:meth:`Checkpointer.load_weights`:
+    a checkpoint's ``.safetensors`` verified against its manifest, or any state-dict file).
+
+    Raises:
+        CheckpointError: one line naming the file: missing, unreadable or not fitting the model.
+    """
+    Checkpointer(model, Path(path).expanduser().parent,
+                 include_frozen=include_frozen).load_weights(path)
