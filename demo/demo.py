@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import ovseg
 from ovseg.data.image_io import list_images, read_image
-from ovseg.errors import ImageReadError, OvsegError
+from ovseg.errors import ConfigError, ImageReadError, OvsegError
 from ovseg.text.vocabulary import Vocabulary, parse_vocabulary, read_vocabulary_file
 from ovseg.vis import (
     class_fractions,
@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="class file: one class per line, synonyms separated by ',' or ';'",
     )
+    parser.add_argument("--boxes", metavar="X1,Y1,X2,Y2;...", default=None,
+                        help="box prompts in pixels: classify these regions instead (methods "
+                        "with region prompts, e.g. cloc); writes <stem>_regions.png/.json")
+    parser.add_argument("--points", metavar="X,Y;...", default=None,
+                        help="point prompts in pixels, like --boxes")
     parser.add_argument(
         "--device",
         default=None,
@@ -114,6 +119,44 @@ def _read_vocabulary(args: argparse.Namespace) -> Vocabulary:
     if args.vocab_file is not None:
         return read_vocabulary_file(args.vocab_file)
     return parse_vocabulary(args.vocab)
+
+
+def _prompts(text: str | None, size: int) -> np.ndarray | None:
+    """'1,2,3,4;5,6,7,8' -> (R, size) float64; None when not given."""
+    if text is None:
+        return None
+    try:
+        rows = [[float(v) for v in part.split(",")] for part in text.split(";") if part.strip()]
+    except ValueError as error:
+        raise ConfigError(f"prompts {text!r}: {error}") from error
+    if any(len(row) != size for row in rows):
+        raise ConfigError(f"prompts {text!r}: each needs {size} numbers separated by ','")
+    return np.asarray(rows, dtype=np.float64).reshape(-1, size)
+
+
+def _write_regions(output_dir: Path, stem: str, image: np.ndarray, boxes, points,
+                   labels: list[int], classes: list[str]) -> None:
+    """Draw each prompt with its best class into <stem>_regions.png; list them in .json."""
+    import cv2
+
+    shown = np.ascontiguousarray(image.copy())
+    colors = palette(classes)
+    prompts = [("box", b) for b in (boxes if boxes is not None else [])]
+    prompts += [("point", q) for q in (points if points is not None else [])]
+    entries = []
+    for (kind, coords), label in zip(prompts, labels, strict=True):
+        color = tuple(int(c) for c in colors[label])
+        xy = tuple(int(round(v)) for v in coords)
+        if kind == "box":
+            cv2.rectangle(shown, xy[:2], xy[2:], color, 2)
+        else:
+            cv2.circle(shown, xy, 4, color, -1)
+        cv2.putText(shown, classes[label], (xy[0] + 2, xy[1] + 12), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.4, color, 1)
+        entries.append({"kind": kind, "coords": [float(v) for v in coords],
+                        "class": classes[label]})
+    write_rgb_png(output_dir / f"{stem}_regions.png", shown)
+    write_json(output_dir / f"{stem}_regions.json", {"regions": entries})
 
 
 def _default_device() -> str:
@@ -205,6 +248,11 @@ def _run(args: argparse.Namespace) -> int:
     overrides = ["model.device", device, *args.opts_flag, *args.opts]
     cfg = ovseg.get_config(args.config_file, overrides)
     model = ovseg.build_model(cfg)
+    boxes, points = _prompts(args.boxes, 4), _prompts(args.points, 2)
+    prompted = boxes is not None or points is not None
+    if prompted and not callable(getattr(model, "classify_regions", None)):
+        raise ConfigError(f"--boxes/--points need a method with region prompts (cloc); "
+                          f"{cfg.model.name} has none")
 
     stems = output_stems(image_paths)
     failures = 0
@@ -217,6 +265,11 @@ def _run(args: argparse.Namespace) -> int:
     for image_path, stem in progress:
         try:
             image = read_image(image_path)
+            if prompted:
+                labels, _ = model.classify_regions(image, vocabulary, boxes=boxes, points=points)
+                _write_regions(output_dir, stem, image, boxes, points, labels.tolist(),
+                               vocabulary.class_names)
+                continue
             prediction = model.predict(image, vocabulary)
         except ImageReadError as error:
             failures += 1

@@ -32,6 +32,8 @@ def test_each_method_config_holds_exactly_its_sections(tmp_path):
         "dense_clip": {"clip", "dino", "sam", "inference", "dense_clip", "pamr", "refine"},
         "linear_probe": {"clip", "inference"},
         "clip_dinoiser": {"clip", "dino", "inference", "clip_dinoiser"},
+        "cloc": {"clip", "cloc"},
+        "mask_adapted": {"clip", "inference", "mask_adapted"},
     }
     assert set(METHODS) == set(expected)
     for name, sections in expected.items():

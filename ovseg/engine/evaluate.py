@@ -114,6 +114,11 @@ def evaluate_model(model, cfg, output_dir: str | Path) -> dict[str, dict] | None
     """Evaluate on every benchmark of ``cfg.datasets.test``; rank 0 gets {name: results}."""
     register_from_config(cfg)
     all_results = {}
+    # a method with its own kind of benchmark (CLOC's region sets) evaluates it itself
+    method_evaluator = getattr(model, "evaluate_benchmark", None)
     for name in cfg.datasets.test:
-        all_results[name] = evaluate_benchmark(model, name, cfg, output_dir)
+        if callable(method_evaluator):
+            all_results[name] = method_evaluator(name, cfg, output_dir)
+        else:
+            all_results[name] = evaluate_benchmark(model, name, cfg, output_dir)
     return all_results if get_rank() == 0 else None

@@ -11,18 +11,22 @@ from ovseg.config.method import Method
 from ovseg.errors import ConfigError
 from ovseg.methods.base import Prediction
 from ovseg.methods.clip_dinoiser import ClipDinoiserConfig, build_clip_dinoiser
+from ovseg.methods.cloc import ClocConfig, build_cloc
 from ovseg.methods.dense_clip import DenseClip, DenseClipConfig, PamrConfig, build_dense_clip
 from ovseg.methods.linear_probe import build_linear_probe
+from ovseg.methods.mask_adapted import MaskAdaptedConfig, build_mask_adapted
 from ovseg.methods.sam_refine import RefineConfig
 from ovseg.methods.trident import TridentConfig, build_trident
 
 METHODS: dict[str, Method] = {
     "clip_dinoiser": Method(build_clip_dinoiser, ClipDinoiserConfig,
                             reads=("clip", "dino", "inference")),
+    "cloc": Method(build_cloc, ClocConfig, reads=("clip",)),
     "dense_clip": Method(build_dense_clip, DenseClipConfig,
                          reads=("clip", "dino", "sam", "inference"),
                          extra={"pamr": PamrConfig, "refine": RefineConfig}),
     "linear_probe": Method(build_linear_probe, reads=("clip", "inference")),
+    "mask_adapted": Method(build_mask_adapted, MaskAdaptedConfig, reads=("clip", "inference")),
     "trident": Method(build_trident, TridentConfig, reads=("clip", "dino", "sam", "inference"),
                       extra={"refine": RefineConfig}),
 }

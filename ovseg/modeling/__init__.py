@@ -13,5 +13,6 @@ networks never load another's), e.g.
   (R101c, Swin-B, tiny backbones; FPN; transformer decoder; CLIP-text class head) and the key
   map of the authors' checkpoints; :mod:`ovseg.modeling.matcher` and
   :mod:`ovseg.modeling.mask_criterion`: its Hungarian matching and losses;
-  :mod:`ovseg.modeling.mask_prompt_tuning`: mask prompt tuning of CLIP's ViT.
+  :mod:`ovseg.modeling.mask_prompt_tuning`: mask prompt tuning of CLIP's ViT;
+- :mod:`ovseg.modeling.prompter`: CLOC's Prompter (box/point/text prompts -> region embeddings).
 """
