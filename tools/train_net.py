@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-machines", type=int, default=1, help="machines in the job")
     parser.add_argument("--machine-rank", type=int, default=0,
                         help="this machine's index in [0, num-machines)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train from scratch into an output_dir that already holds "
+                        "checkpoints (also: OUTPUT_DIR_OVERWRITE=1 in the environment)")
     parser.add_argument("--dist-url", default="auto",
                         help="tcp://HOST:PORT of machine 0; 'auto' = a free local port (one "
                         "machine only)")
@@ -187,11 +191,48 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# switches that may also come after the config overrides, as detectron2 accepts them
+_TRAILING_SWITCHES = {"--resume": "resume", "--eval-only": "eval_only",
+                      "--save-predictions": "save_predictions", "--overwrite": "overwrite"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``--resume`` (and the other switches) accepted anywhere, also
+    among the trailing ``KEY VALUE`` overrides."""
     args = build_parser().parse_args(argv)
+    opts = []
+    for item in args.opts:
+        if item in _TRAILING_SWITCHES:
+            setattr(args, _TRAILING_SWITCHES[item], True)
+        else:
+            opts.append(item)
+    args.opts = opts
+    return args
+
+
+def check_output_dir(args: argparse.Namespace, cfg) -> None:
+    """Training (not resuming) into an output_dir that holds checkpoints would mix two runs:
+    refuse unless ``--overwrite`` (or ``OUTPUT_DIR_OVERWRITE=1``) says so."""
+    if args.eval_only or args.resume or args.overwrite:
+        return
+    if os.environ.get("OUTPUT_DIR_OVERWRITE", "") not in ("", "0"):
+        return
+    output_dir = Path(cfg.output_dir)
+    found = sorted(p.name for p in output_dir.glob("model_*.safetensors"))
+    if (output_dir / "last_checkpoint").exists() or found:
+        example = f" ({found[-1]})" if found else ""
+        raise ConfigError(
+            f"output_dir {output_dir} already holds checkpoints{example}: pass --resume to "
+            "continue that run, --overwrite (or OUTPUT_DIR_OVERWRITE=1) to train from scratch "
+            "into it, or another output_dir"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         # read the config here too: a mistake in it is reported before any process starts
-        load_config(args)
+        check_output_dir(args, load_config(args))
         launch(main_worker, args.num_gpus, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
     except OvsegError as exc:
