@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ import ovseg
 from ovseg.config import save_config
 from ovseg.engine import comm
 from ovseg.engine.launch import launch
+from ovseg.engine.run_lock import hold_output_dir
 from ovseg.errors import ConfigError, OvsegError
 
 EXIT_OK = 0
@@ -232,9 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         # read the config here too: a mistake in it is reported before any process starts
-        check_output_dir(args, load_config(args))
-        launch(main_worker, args.num_gpus, num_machines=args.num_machines,
-               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+        cfg = load_config(args)
+        check_output_dir(args, cfg)
+        # one live run per output_dir (machine 0 holds it for a multi-machine job)
+        holding = hold_output_dir(cfg.output_dir) if args.machine_rank == 0 else nullcontext()
+        with holding:
+            launch(main_worker, args.num_gpus, num_machines=args.num_machines,
+                   machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
+                   job="evaluation" if args.eval_only else "training")
     except OvsegError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -36,6 +39,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 # the variables torchrun (and torch.distributed.launch) sets in every process it starts
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+# set to 1 to start more CPU processes than cores (tests on a one-core machine do)
+OVERSUBSCRIBE_VARIABLE = "OVSEG_ALLOW_OVERSUBSCRIBE"
+# a spawned process whose launcher is gone exits with this code
+_PARENT_GONE_EXIT_CODE = 3
 # a spawned process that hits an OvsegError exits with this code after handing the error over
 _USER_ERROR_EXIT_CODE = 2
 
@@ -69,6 +76,7 @@ def launch(
     dist_url: str = "auto",
     args: Sequence[Any] = (),
     timeout: timedelta = DEFAULT_TIMEOUT,
+    job: str = "training",
 ) -> Any:
     """Run ``main_func(*args)`` in every process of a (possibly multi-machine) job.
 
@@ -82,6 +90,7 @@ def launch(
             local port, which only a single machine can use.
         args: positional arguments of ``main_func`` (picklable when processes are spawned).
         timeout: how long collectives wait for a missing process before failing.
+        job: what the processes do ("training", "evaluation"), for the message when one dies.
 
     Returns:
         ``main_func``'s return value when it ran in this process, else None.
@@ -112,6 +121,14 @@ def launch(
         raise LaunchError(
             f"--num-gpus {processes} but this machine has {torch.cuda.device_count()} GPUs"
         )
+    cores = os.cpu_count() or 1
+    oversubscribe = os.environ.get(OVERSUBSCRIBE_VARIABLE, "") not in ("", "0")
+    if backend != "nccl" and processes > cores and not oversubscribe:
+        raise LaunchError(
+            f"--num-gpus {processes} on a machine without GPUs starts {processes} CPU "
+            f"processes, but it has {cores} cores: use at most --num-gpus {cores} (or set "
+            f"{OVERSUBSCRIBE_VARIABLE}=1 to run them anyway)"
+        )
     if dist_url == "auto":
         if num_machines > 1:
             raise LaunchError(
@@ -130,7 +147,7 @@ def launch(
             _spawned_worker,
             nprocs=processes,
             args=(main_func, args, world_size, processes, num_machines, machine_rank, dist_url,
-                  backend, timeout, errors),
+                  backend, timeout, errors, os.getpid()),
             join=True,
             daemon=False,
             start_method="spawn",
@@ -139,7 +156,8 @@ def launch(
         error = _reported_error(errors)
         if error is not None:
             raise error from None
-        raise LaunchError(f"a training process died: {exc}") from exc
+        raise LaunchError(f"a{'n' if job[:1] in 'aeiou' else ''} {job} process died: {exc}") \
+            from exc
     except mp.ProcessRaisedException:
         error = _reported_error(errors)
         if error is not None:
@@ -154,6 +172,30 @@ def _reported_error(errors) -> BaseException | None:
         return None if errors.empty() else errors.get()
     except Exception:  # an exception class that cannot be rebuilt here
         return LaunchError("a training process failed (its error could not be read back)")
+
+
+def die_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
+    """End this process when the launcher ``parent_pid`` ends (SIGKILL or SIGTERM of
+    ``train_net`` included), so that no worker runs on and writes into an output_dir that a
+    rerun uses: the kernel's parent-death signal where there is one (Linux), and a watchdog
+    thread that polls the parent everywhere (it also covers a parent that died before this
+    call)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the watchdog alone
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(_PARENT_GONE_EXIT_CODE)
+            time.sleep(poll_seconds)
+
+    threading.Thread(target=watch, name="ovseg-parent-watchdog", daemon=True).start()
 
 
 def _create_local_groups(num_machines: int, per_machine: int, machine_rank: int) -> None:
@@ -177,7 +219,9 @@ def _spawned_worker(
     backend: str,
     timeout: timedelta,
     errors,
+    parent_pid: int,
 ) -> None:
+    die_with_parent(parent_pid)
     rank = machine_rank * per_machine + local_rank
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
