@@ -1,11 +1,13 @@
 """Mask-adapted CLIP: per-image time with batched crops vs one by one, the share of time in the
-proposals vs CLIP, and the peak memory of one prediction.
+proposals vs CLIP, and the peak memory of a large vs a small image.
 
     python bench/mask_adapted.py                       # tiny random model, 100 queries, CPU
     python bench/mask_adapted.py --config mask_adapted/ade20k_150.yaml --device cuda
 
 Random weights (only time and memory are measured). Batched and one-by-one crops must give the
-same labels (asserted). Peak memory is measured in a child process (CPU: max resident set;
+same labels (asserted). The shares are parts of the same ``predict`` calls whose wall time is
+the per-image time: ``propose`` and ``region_embeddings`` (the masked crops through CLIP) are
+timed inside ``encode``. Peak memory is measured in child processes (CPU: max resident set;
 CUDA: peak allocated), with ``crop_batch`` bounding the crops held at once.
 """
 
@@ -13,28 +15,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+from _memory import print_peak_memory_of_predict
 
 import ovseg
-from ovseg.layers.resize import image_tensor, rescale_size
 
 TINY = "tiny/mask_adapted_tiny.yaml"
 VOCABULARY = "wall, floor, ceiling, bed, window, cabinet, person, door, table, plant"
+PARTS = ("propose", "region_embeddings")
 
 
-def build(args, crop_batch: int):
+def build(args, crop_batch: int, short_side: int | None = None):
+    short_side = short_side or args.short_side
     overrides = ["model.device", args.device, "model.mask_adapted.crop_batch", str(crop_batch),
                  "model.mask_adapted.num_queries", str(args.queries),
                  "model.mask_adapted.mask_threshold", str(args.threshold),
-                 "model.inference.short_side", str(args.short_side)]
+                 "model.inference.short_side", str(short_side)]
     if args.config == TINY:
-        overrides += ["model.inference.max_long_side", str(4 * args.short_side)]
+        overrides += ["model.inference.max_long_side", str(4 * short_side)]
     return ovseg.build_model(ovseg.get_config(args.config, overrides))
 
 
@@ -43,46 +46,55 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(function, device: str, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    function()
-    times = []
+class PartTimes:
+    """Seconds spent in the model's ``propose`` and ``region_embeddings`` during ``predict``.
+
+    Instance attributes shadow the two methods, so the ``encode`` inside ``predict`` calls the
+    timed versions: the parts and the whole are measured in the same call.
+    """
+
+    def __init__(self, model, device: str):
+        self.device = device
+        self.seconds = dict.fromkeys(PARTS, 0.0)
+        for name in PARTS:
+            setattr(model, name, self._timed(name, getattr(model, name)))
+
+    def _timed(self, name: str, method):
+        def timed_method(*args, **kwargs):
+            synchronize(self.device)
+            start = time.perf_counter()
+            out = method(*args, **kwargs)
+            synchronize(self.device)
+            self.seconds[name] += time.perf_counter() - start
+            return out
+
+        return timed_method
+
+
+def time_predict(model, image: np.ndarray, device: str, repeats: int) -> tuple[float, dict]:
+    """Mean per-image seconds of ``repeats`` predicts after one warm-up, and the seconds of
+    each part summed over the same predicts divided by their total (the shares)."""
+    parts = PartTimes(model, device)
+    model.predict(image, VOCABULARY)
+    parts.seconds = dict.fromkeys(PARTS, 0.0)
+    total = 0.0
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        function()
+        model.predict(image, VOCABULARY)
         synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        total += time.perf_counter() - start
+    return total / repeats, {name: seconds / total for name, seconds in parts.seconds.items()}
 
 
-def peak_child(args, height: int, width: int, short_side: int | None = None) -> float:
-    """Peak memory (MiB) of one height x width prediction in a fresh process."""
-    command = [sys.executable, __file__, "--peak-only", "--config", args.config, "--device",
-               args.device, "--queries", str(args.queries), "--threshold", str(args.threshold),
-               "--short-side", str(short_side or args.short_side),
-               "--crop-batch", str(args.crop_batch),
-               "--height", str(height), "--width", str(width)]
+def peak_child(args, side: int) -> float:
+    """Peak memory (MiB) of one side x side prediction in a fresh process."""
+    command = [sys.executable, __file__, "--child-side", str(side), "--config", args.config,
+               "--device", args.device, "--queries", str(args.queries),
+               "--threshold", str(args.threshold), "--short-side", str(args.short_side),
+               "--crop-batch", str(args.crop_batch)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"])
-
-
-def image_of(args) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, (args.height, args.width, 3), np.uint8)
-
-
-def peak_only(args) -> None:
-    import resource
-
-    model = build(args, args.crop_batch)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    model.predict(image_of(args), VOCABULARY)
-    if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mib": peak}))
 
 
 def main() -> None:
@@ -96,45 +108,38 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peak-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--small-side", type=int, default=512, help="memory: the small image")
+    parser.add_argument("--large-side", type=int, default=2048, help="memory: the large image")
+    parser.add_argument("--child-side", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.peak_only:
-        peak_only(args)
+    if args.child_side:
+        model = build(args, args.crop_batch)
+        print_peak_memory_of_predict(model, args.child_side, VOCABULARY, args.device)
         return
-    image = image_of(args)
+    image = np.random.default_rng(0).integers(0, 256, (args.height, args.width, 3), np.uint8)
     batched, single = build(args, args.crop_batch), build(args, 1)
     state = batched.encode(image)
-    valid = int(state.valid.sum())
     labels = batched.predict(state, VOCABULARY).labels
     assert np.array_equal(labels, single.predict(image, VOCABULARY).labels), \
         "batched and one-by-one crops disagree"
-    batched_time = timed(lambda: batched.predict(image, VOCABULARY), args.device, args.repeats)
-    single_time = timed(lambda: single.predict(image, VOCABULARY), args.device, args.repeats)
-
-    size = rescale_size(args.height, args.width, batched.inference.short_side,
-                        batched.inference.max_long_side)
-    resized = image_tensor(image, size, batched.device)
-    with torch.inference_mode():
-        propose = timed(lambda: batched.propose(resized), args.device, args.repeats)
-        _, probs = batched.propose(resized)
-        clip = timed(lambda: batched.region_embeddings(resized[0], probs), args.device,
-                     args.repeats)
-    print(f"valid queries: {valid} of {args.queries}")
+    batched_time, shares = time_predict(batched, image, args.device, args.repeats)
+    single_time, _ = time_predict(single, image, args.device, args.repeats)
+    small, large = peak_child(args, args.small_side), peak_child(args, args.large_side)
+    print(f"device: {args.device}; config {args.config}, {args.queries} queries, short side "
+          f"{args.short_side}, {args.width}x{args.height} image")
+    print(f"valid queries: {int(state.valid.sum())} of {args.queries}")
+    print("batched and one-by-one labels identical: True")
     print(f"per-image time, crops batched by {args.crop_batch}: {batched_time:.3f} s")
     print(f"per-image time, crops one by one: {single_time:.3f} s")
-    print(f"batched crops speedup: {single_time / batched_time:.2f}x (goal >= 1x)")
-    print(f"share of time in proposals: {propose / batched_time:.0%}")
-    print(f"share of time in masked crops + CLIP: {clip / batched_time:.0%}")
-    # the goal: the model and libraries (a 64 x 64 prediction) plus a few (Q, h, w) float maps
-    # (the state's mask probabilities, a chunk of upsampled logits, a band), never Q full-size
-    # crops or masks per query beyond that
-    mask_map = args.queries * size[0] * size[1] * 4 / 2**20
-    baseline = peak_child(args, 64, 64, short_side=64)
-    peak = peak_child(args, args.height, args.width)
-    print(f"peak memory of a 64x64 prediction (model + libraries): {baseline:.0f} MiB")
-    print(f"peak memory of one prediction: {peak:.0f} MiB")
-    print(f"peak memory above the 64x64 run: {peak - baseline:.0f} MiB "
-          f"(goal <= {4 * mask_map:.0f}, four (Q, h, w) float32 maps)")
+    print(f"batched / one-by-one time ratio: {batched_time / single_time:.3f} (goal <= 1.0)")
+    print(f"proposal share: {shares['propose']:.3f}")
+    print(f"clip share: {shares['region_embeddings']:.3f}")
+    rest = 1 - sum(shares.values())
+    print(f"rest share (resize, text, ensemble, label map): {rest:.3f} (goal >= 0: shares "
+          "sum to <= 1)")
+    print(f"peak memory {args.small_side}^2 (MiB): {small:.0f}")
+    print(f"peak memory {args.large_side}^2 (MiB): {large:.0f}")
+    print(f"memory ratio: {large / small:.3f} (goal <= 1.5)")
 
 
 if __name__ == "__main__":

@@ -89,5 +89,8 @@ def image_tensor(
     has that size) as a (1, 3, h, w) uint8 tensor on ``device``: every 2D method's input."""
     if tuple(image.shape[:2]) != tuple(size):
         image = resize_image(image, size)
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:  # e.g. a view of a PIL image: torch wants writable memory
+        image = image.copy()
+    pixels = torch.from_numpy(image).to(device)
     return pixels.permute(2, 0, 1)[None]

@@ -9,8 +9,12 @@
   summed over coordinates and regions, divided by 4 x (the regions: M N when all are there).
 - lambda = ``region_loss_weight`` x the fraction of the global batch's images with region text.
 
-Every loss is computed for this process's rows against the gathered columns (open_clip's
-"local loss"), so DDP's gradient average gives the gradient of the whole batch.
+Every process computes the contrastive losses of the whole gathered batch (rows and columns),
+its own rows in the graph with their gradient multiplied by the number of processes, so every
+process logs the batch's loss and DDP's gradient average is the whole batch's gradient, also
+when processes hold different numbers of regions. (A per-process "local loss" over its own rows
+would lose the gradient its features get as other processes' negatives, and would weight the
+processes' regions unequally.)
 """
 
 from __future__ import annotations
@@ -30,12 +34,17 @@ from ovseg.methods.cloc.data import collate as collate  # noqa: PLC0414 (the mod
 
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     """(K, D) rows of every process concatenated in rank order, this process's own rows kept
-    in the graph (the others carry no gradient), and where this process's rows start.
-    Processes may have different K. One process: ``x`` itself and 0."""
-    if comm.world_size() <= 1:
+    in the graph (the others carry no gradient) with their gradient multiplied by the number
+    of processes (DDP divides the sum over processes by it), and where this process's rows
+    start. Processes may have different K. One process: ``x`` itself and 0."""
+    world = comm.world_size()
+    if world <= 1:
         return x, 0
+    if x.requires_grad:
+        x = x.clone()
+        x.register_hook(lambda grad: grad * world)
     count = torch.tensor([x.shape[0]], device=x.device)
-    counts = [torch.zeros_like(count) for _ in range(comm.world_size())]
+    counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count)
     sizes = [int(c) for c in counts]
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
@@ -74,21 +83,19 @@ def contrastive_loss(queries: Tensor, keys: Tensor, logit_scale: Tensor,
         texts: (K, D) the captions' embeddings for that test (default ``keys``).
 
     Returns:
-        a scalar: (CE(query -> keys) + CE(key -> queries)) / 2, means over the K rows.
+        a scalar: (CE(query -> keys) + CE(key -> queries)) / 2, means over the pairs of all
+        processes (the same value on every process).
     """
-    all_queries, offset = gather_with_grad(queries)
+    all_queries, _ = gather_with_grad(queries)
     all_keys, _ = gather_with_grad(keys)
-    scale = logit_scale.exp()
-    q2k = scale * queries @ all_keys.T
-    k2q = scale * keys @ all_queries.T
+    logits = logit_scale.exp() * all_queries @ all_keys.T
     if text_threshold is not None:
         texts = keys if texts is None else texts
         all_texts = all_keys if texts is keys else gather_with_grad(texts.detach())[0]
-        drop = near_duplicate_negatives(texts, all_texts, offset, text_threshold)
-        q2k = q2k.masked_fill(drop, float("-inf"))
-        k2q = k2q.masked_fill(drop, float("-inf"))
-    targets = offset + torch.arange(queries.shape[0], device=queries.device)
-    return (F.cross_entropy(q2k, targets) + F.cross_entropy(k2q, targets)) / 2
+        drop = near_duplicate_negatives(all_texts, all_texts, 0, text_threshold)
+        logits = logits.masked_fill(drop, float("-inf"))
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
 def grounding_loss(predicted: Tensor, boxes: Tensor, squared: bool = True) -> Tensor:
