@@ -15,4 +15,6 @@ networks never load another's), e.g.
   :mod:`ovseg.modeling.mask_criterion`: its Hungarian matching and losses;
   :mod:`ovseg.modeling.mask_prompt_tuning`: mask prompt tuning of CLIP's ViT;
 - :mod:`ovseg.modeling.prompter`: CLOC's Prompter (box/point/text prompts -> region embeddings).
+- :mod:`ovseg.modeling.minkunet`: CLIP2Scene's MinkUNet14A/18A student on sparse convolutions
+  (``final`` and ``local`` 96 -> 512 heads) and the key map of the authors' checkpoint.
 """
