@@ -33,6 +33,7 @@ def test_each_method_config_holds_exactly_its_sections(tmp_path):
         "linear_probe": {"clip", "inference"},
         "clip_dinoiser": {"clip", "dino", "inference", "clip_dinoiser"},
         "cloc": {"clip", "cloc"},
+        "clip2scene": {"clip", "clip2scene"},
         "mask_adapted": {"clip", "inference", "mask_adapted"},
     }
     assert set(METHODS) == set(expected)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ovseg.config.method import Method
 from ovseg.errors import ConfigError
 from ovseg.methods.base import Prediction
+from ovseg.methods.clip2scene import Clip2SceneConfig, build_clip2scene
 from ovseg.methods.clip_dinoiser import ClipDinoiserConfig, build_clip_dinoiser
 from ovseg.methods.cloc import ClocConfig, build_cloc
 from ovseg.methods.dense_clip import DenseClip, DenseClipConfig, PamrConfig, build_dense_clip
@@ -19,6 +20,7 @@ from ovseg.methods.sam_refine import RefineConfig
 from ovseg.methods.trident import TridentConfig, build_trident
 
 METHODS: dict[str, Method] = {
+    "clip2scene": Method(build_clip2scene, Clip2SceneConfig, reads=("clip",)),
     "clip_dinoiser": Method(build_clip_dinoiser, ClipDinoiserConfig,
                             reads=("clip", "dino", "inference")),
     "cloc": Method(build_cloc, ClocConfig, reads=("clip",)),
