@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import logging
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "ArrayCache",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -34,6 +37,8 @@ __all__ = [
     "sha256_bytes",
     "sha256_file",
 ]
+
+logger = logging.getLogger(__name__)
 
 # checkpoints often wrap the state dict in one of these keys
 _WRAPPER_KEYS = ("state_dict", "model", "module")
@@ -114,6 +119,48 @@ def atomic_write_text(
 ) -> Path:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_path`); returns the path."""
     return atomic_write_bytes(path, text.encode(encoding), mode)
+
+
+# --------------------------------------------------------------------------- array cache
+
+
+class ArrayCache:
+    """Arrays on disk, one ``.npz`` per key: ``<dir>/<k[:2]>/<k>.npz`` for the sha256 ``k`` of
+    ``digest`` and the key, written atomically. Whatever the entries depend on besides the key
+    (model weights, settings) goes into ``digest``: a change gives other names, so stale
+    entries are never read (they stay on disk until the folder is removed)."""
+
+    def __init__(self, directory: str | os.PathLike[str], digest: str, what: str = "cache"):
+        self.directory = Path(directory).expanduser()
+        self.digest = digest
+        self.what = what
+
+    def path(self, key: str) -> Path:
+        name = hashlib.sha256(f"{self.digest}\n{key}".encode()).hexdigest()
+        return self.directory / name[:2] / f"{name}.npz"
+
+    def load(self, key: str, decode: Callable[[Any], Any]) -> Any | None:
+        """``decode`` of the stored arrays (an ``np.load`` mapping) of ``key``; None when the
+        entry is missing, or damaged (then a warning: the caller recomputes and overwrites)."""
+        import numpy as np
+
+        path = self.path(key)
+        try:
+            with np.load(path) as stored:
+                return decode(stored)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            logger.warning("%s file %s is unreadable (%s); recomputing it", self.what, path, exc)
+            return None
+
+    def save(self, key: str, **arrays: Any) -> None:
+        """Store numpy ``arrays`` under ``key`` (atomically)."""
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(self.path(key), buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- hashing

@@ -25,7 +25,6 @@ bilinear upsampling to the crop (align_corners False, edges clamped) read at the
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 
 from ovseg.data.scannet import frame_paths, list_frames, read_scene
 from ovseg.errors import ConfigError, DatasetError
-from ovseg.io import atomic_write_bytes
+from ovseg.io import ArrayCache
 from ovseg.layers.projection import pair_points_with_pixels, sample_frames
 
 logger = logging.getLogger(__name__)
@@ -274,37 +273,23 @@ CACHE_FORMAT = "ovseg-clip2scene-teacher/1"
 _CACHE = "_clip2scene_teacher_cache"
 
 
-class TeacherCache:
-    """Teacher outputs of fixed crops on disk: ``<dir>/<k[:2]>/<k>.npz`` (float16 logits and
-    image features on the patch grid) for the sha256 ``k`` of the crop's key (scene, frame,
-    crop box, flip, crop size, colour file stamp) and the teacher's digest (CLIP and
-    projection weights, teacher settings, text embeddings); written atomically."""
+class TeacherCache(ArrayCache):
+    """Teacher outputs of fixed crops on disk (:class:`ovseg.io.ArrayCache`): float16 logits
+    and image features on the patch grid, keyed by the crop (scene, frame, crop box, flip, crop
+    size, colour file stamp) under the teacher's digest (CLIP and projection weights, teacher
+    settings, text embeddings)."""
 
     def __init__(self, directory: str | Path, digest: str) -> None:
-        self.directory = Path(directory).expanduser()
-        self.digest = digest
+        super().__init__(directory, digest, what="teacher cache")
 
-    def path(self, key: str) -> Path:
-        name = hashlib.sha256(f"{self.digest}\n{key}".encode()).hexdigest()
-        return self.directory / name[:2] / f"{name}.npz"
+    def load(self, key: str) -> tuple[Tensor, Tensor] | None:  # type: ignore[override]
+        return super().load(key, lambda stored: (
+            torch.from_numpy(stored["logits"].astype(np.float32)),
+            torch.from_numpy(stored["image"].astype(np.float32))))
 
-    def load(self, key: str) -> tuple[Tensor, Tensor] | None:
-        path = self.path(key)
-        try:
-            with np.load(path) as stored:
-                return (torch.from_numpy(stored["logits"].astype(np.float32)),
-                        torch.from_numpy(stored["image"].astype(np.float32)))
-        except FileNotFoundError:
-            return None
-        except Exception as exc:  # a damaged file: recompute and overwrite it
-            logger.warning("teacher cache file %s is unreadable (%s); recomputing it", path, exc)
-            return None
-
-    def save(self, key: str, logits: Tensor, image: Tensor) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, logits=logits.detach().cpu().numpy().astype(np.float16),
-                 image=image.detach().cpu().numpy().astype(np.float16))
-        atomic_write_bytes(self.path(key), buffer.getvalue())
+    def save(self, key: str, logits: Tensor, image: Tensor) -> None:  # type: ignore[override]
+        super().save(key, logits=logits.detach().cpu().numpy().astype(np.float16),
+                     image=image.detach().cpu().numpy().astype(np.float16))
 
 
 def teacher_digest(model: nn.Module, text: Tensor) -> str:

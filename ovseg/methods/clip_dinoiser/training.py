@@ -24,7 +24,6 @@ by the image file, the augmentation drawn for it and the teachers' weights.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 from ovseg.config.schema import DinoConfig
 from ovseg.data.image_io import read_image
 from ovseg.errors import ConfigError, DatasetError, ImageReadError
-from ovseg.io import atomic_write_bytes
+from ovseg.io import ArrayCache
 
 logger = logging.getLogger(__name__)
 
@@ -380,45 +379,34 @@ class Teachers:
         return correlation, background
 
 
-class TargetCache:
-    """Teacher targets on disk, one file per crop: ``<dir>/<k[:2]>/<k>.npz`` for the sha256
-    ``k`` of the crop's key and the teachers' digest; written atomically. A changed image file
-    or other teacher weights give another name, so stale targets are never read (they stay
-    on disk until the folder is removed)."""
+class TargetCache(ArrayCache):
+    """Teacher targets on disk, one file per crop (:class:`ovseg.io.ArrayCache`), keyed by
+    the crop under the teachers' digest: a changed image file or other teacher weights give
+    another name, so stale targets are never read. Stored as bits."""
 
     def __init__(self, directory: str | os.PathLike[str], digest: str) -> None:
-        self.directory = Path(directory).expanduser()
-        self.digest = digest
+        super().__init__(directory, digest, what="target cache")
 
-    def path(self, key: str) -> Path:
-        name = hashlib.sha256(f"{self.digest}\n{key}".encode()).hexdigest()
-        return self.directory / name[:2] / f"{name}.npz"
+    def load(self, key: str) -> tuple[Tensor, Tensor] | None:  # type: ignore[override]
+        return super().load(key, _unpack_targets)
 
-    def load(self, key: str) -> tuple[Tensor, Tensor] | None:
-        path = self.path(key)
-        try:
-            with np.load(path) as stored:
-                n, h, w = (int(v) for v in stored["shape"])
-                correlation = np.unpackbits(stored["correlation"], count=n * n).reshape(n, n)
-                background = np.unpackbits(stored["background"], count=h * w).reshape(1, h, w)
-        except FileNotFoundError:
-            return None
-        except Exception as exc:  # a damaged file: recompute and overwrite it
-            logger.warning("target cache file %s is unreadable (%s); recomputing it", path, exc)
-            return None
-        return (torch.from_numpy(correlation.astype(np.float32)),
-                torch.from_numpy(background.astype(np.float32)))
-
-    def save(self, key: str, correlation: Tensor, background: Tensor) -> None:
+    def save(self, key: str, correlation: Tensor, background: Tensor) -> None:  # type: ignore[override]
         n = correlation.shape[-1]
         h, w = background.shape[-2:]
-        buffer = io.BytesIO()
-        np.savez(
-            buffer, shape=np.array([n, h, w]),
+        super().save(
+            key, shape=np.array([n, h, w]),
             correlation=np.packbits(correlation.detach().cpu().numpy().astype(bool).ravel()),
             background=np.packbits(background.detach().cpu().numpy().astype(bool).ravel()),
         )
-        atomic_write_bytes(self.path(key), buffer.getvalue())
+
+
+def _unpack_targets(stored) -> tuple[Tensor, Tensor]:
+    """The (N, N) correlation and (1, h, w) background targets of a stored entry."""
+    n, h, w = (int(v) for v in stored["shape"])
+    correlation = np.unpackbits(stored["correlation"], count=n * n).reshape(n, n)
+    background = np.unpackbits(stored["background"], count=h * w).reshape(1, h, w)
+    return (torch.from_numpy(correlation.astype(np.float32)),
+            torch.from_numpy(background.astype(np.float32)))
 
 
 # --------------------------------------------------------------------------- model hooks
