@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 
 import numpy as np
@@ -221,6 +222,24 @@ def oracle_teacher(self, crops, text):
     return logits, image[labels].permute(0, 3, 1, 2).contiguous()
 
 
+@pytest.fixture
+def restore_ovseg_logging():
+    """train_net's main, run in this process, installs its own handlers on the "ovseg" logger
+    and stops propagation; put the logger back so later tests' caplog sees its records."""
+    logger = logging.getLogger("ovseg")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    for handler in list(logger.handlers):
+        if handler not in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+    logger.propagate = propagate
+    logger.setLevel(level)
+
+
 def _train_net(*argv: str) -> None:
     spec = importlib.util.spec_from_file_location("ovseg_train_net_cli", TRAIN_NET)
     module = importlib.util.module_from_spec(spec)
@@ -229,7 +248,7 @@ def _train_net(*argv: str) -> None:
 
 
 @pytest.mark.slow
-def test_train_through_train_net_then_eval_only(tmp_path, monkeypatch):
+def test_train_through_train_net_then_eval_only(tmp_path, monkeypatch, restore_ovseg_logging):
     datasets = tmp_path / "datasets"
     build_scannet_scene(datasets / "scannet", num_points=1500, num_frames=8,
                         layouts=("export",))
