@@ -348,13 +348,23 @@ def _create_timm_vit(arch: str, pretrained: bool) -> nn.Module:
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def _adapt_checkpoint(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+def dino_vit_template(arch: str) -> nn.Module:
+    """The timm ViT of ``arch`` (a timm name or ``tiny-p8`` / ``tiny-p16``) on the meta device:
+    its state dict has the keys and shapes a weights file must have, without allocating or
+    initialising the model (for checking and converting files)."""
+    with torch.device("meta"):
+        return _create_timm_vit(arch, pretrained=False)
+
+
+def adapt_checkpoint(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Map a facebookresearch DINO / DINOv2 checkpoint onto timm's VisionTransformer keys.
 
-    DINO already uses timm's names. Dropped: a classifier ``head.*`` (our models have none) and
-    DINOv2's ``mask_token`` (used only in its training). DINOv2-with-registers keeps register
-    tokens as ``register_tokens`` and a class position in ``pos_embed``; timm folds that
-    position into ``cls_token`` instead. SwiGLU ``w12``/``w3`` become timm's ``fc1``/``fc2``.
+    DINO already uses timm's names (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
+    ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``). Dropped: a
+    classifier ``head.*`` (our models have none) and DINOv2's ``mask_token`` (used only in
+    its training). DINOv2-with-registers keeps register tokens as ``register_tokens`` and a
+    class position in ``pos_embed``; timm folds that position into ``cls_token`` instead.
+    SwiGLU ``w12``/``w3`` become timm's ``fc1``/``fc2``.
     """
     for prefix in ("module.", "backbone."):
         if state and all(key.startswith(prefix) for key in state):
@@ -376,6 +386,9 @@ def _adapt_checkpoint(state: dict[str, Tensor], model: nn.Module) -> dict[str, T
         elif ".mlp.w3." in key:
             out[key.replace(".mlp.w3.", ".mlp.fc2.")] = out.pop(key)
     return out
+
+
+_adapt_checkpoint = adapt_checkpoint  # the name the loader below and older callers use
 
 
 def _timm_pretrained_name(arch: str, tag: str) -> str:

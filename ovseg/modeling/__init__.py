@@ -17,4 +17,6 @@ networks never load another's), e.g.
 - :mod:`ovseg.modeling.prompter`: CLOC's Prompter (box/point/text prompts -> region embeddings).
 - :mod:`ovseg.modeling.minkunet`: CLIP2Scene's MinkUNet14A/18A student on sparse convolutions
   (``final`` and ``local`` 96 -> 512 heads) and the key map of the authors' checkpoint.
+- :mod:`ovseg.modeling.convert`: the registry of released checkpoint formats (these key maps
+  and the encoders' own files) -> ovseg's safetensors + config (``tools/convert_checkpoint.py``).
 """

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ovseg.errors import WeightsError
+from ovseg.io import unreadable_reason
 
 
 def read_tensor_file(
@@ -43,8 +44,9 @@ def read_tensor_file(
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or truncated file, or a pickle with code in it
-        message = " ".join(str(exc).split())
-        raise WeightsError(f"cannot read {what} file {path} ({config_key}): {message}") from exc
+        raise WeightsError(
+            f"cannot read {what} file {path} ({config_key}): {unreadable_reason(path, exc)}"
+        ) from exc
     if isinstance(state, Mapping):
         for key in wrappers:
             if isinstance(state.get(key), Mapping):

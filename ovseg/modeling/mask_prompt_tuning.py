@@ -26,6 +26,9 @@ from torch import nn
 from ovseg.encoders.clip import ClipEncoder, interpolate_pos_embed
 
 MPT_DEPTH = 3
+# the prompts' key in the authors' CLIP (their VisualTransformer's ``mask_embedding``), as in
+# their released files under ``clip_adapter.clip_model.``; ours is MaskPrompts.mask_embedding
+AUTHORS_PROMPTS_KEY = "visual.mask_embedding"
 
 
 def patch_coverage(masks: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -275,6 +275,31 @@ def strip_author_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return stripped
 
 
+def plan_from_state(state: Mapping[str, Tensor], name: str = "MinkUNet14A") -> MinkUNetPlan:
+    """The plan ``name`` (its depths) with the widths a state dict under our names holds.
+
+    MinkowskiEngine kernels are (k^3, in, out) ((in, out) for k = 1): ``conv0p1s1`` gives
+    ``init_dim``, each stage's first ``conv1`` its plane, ``final`` the ``head_dim`` (the
+    widths a config can set: ``student_init_dim``, ``student_planes``, the CLIP's embedding).
+    The input channels and kernel sizes stay the plan's, and so does a width the state lacks:
+    a strict load then names the key.
+    """
+    plan = MINKUNET_PLANS[name]
+    widths: dict = {}
+    conv0 = state.get("conv0p1s1.kernel")
+    if conv0 is not None and conv0.dim() == 3:
+        widths["init_dim"] = int(conv0.shape[2])
+    planes = list(plan.planes)
+    for stage in range(8):
+        kernel = state.get(f"block{stage + 1}.0.conv1.kernel")
+        if kernel is not None and kernel.dim() == 3:
+            planes[stage] = int(kernel.shape[2])
+    final = state.get("final.kernel")
+    if final is not None and final.dim() == 2:
+        widths["head_dim"] = int(final.shape[1])
+    return replace(plan, planes=tuple(planes), **widths)
+
+
 def load_authors_checkpoint(model: MinkUNet, source: str | Path | Mapping[str, Tensor],
                             config_key: str = MINKUNET_CONFIG_KEY) -> MinkUNet:
     """Load the authors' MinkowskiEngine MinkUNet weights into ``model``, strictly.
