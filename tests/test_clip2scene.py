@@ -70,11 +70,11 @@ def test_semantic_target_switches_only_after_epoch_10_with_the_draw():
 
 def test_epoch_counts_scenes_seen(tiny_model):
     tiny_model.train_size = 3
-    tiny_model.samples_seen.fill_(29)
+    tiny_model.set_training_progress(samples_seen=29)
     assert training.current_epoch(tiny_model) == 9
-    tiny_model.samples_seen.fill_(30)
+    tiny_model.set_training_progress(samples_seen=30)
     assert training.current_epoch(tiny_model) == 10
-    tiny_model.samples_seen.zero_()
+    tiny_model.set_training_progress(samples_seen=0)
 
 
 # --------------------------------------------------------------------------- crops
@@ -156,7 +156,6 @@ def test_loss_is_ce_without_temperature_plus_one_minus_cosine(tiny_model, monkey
     assert not any(p.requires_grad for p in model.clip.parameters())
     assert not any(p.requires_grad for p in model.image_projection.parameters())
     model.student.zero_grad(set_to_none=True)
-    model.samples_seen.zero_()
 
 
 def test_teacher_gives_maskclip_logits_and_projected_value_features(tiny_model):

@@ -309,3 +309,49 @@ def test_resume_drops_metrics_lines_past_the_checkpoint(tmp_path):
         1, 2, 3, 4, 5]
     assert drop_metrics_after(path, 5) == 0
     assert drop_metrics_after(tmp_path / "absent.json", 5) == 0
+
+
+def test_per_epoch_cosine_equals_torch_cosine_annealing_stepped_each_epoch():
+    # CLIP2Scene's schedule: CosineAnnealingLR(T_max=30 epochs) stepped once an epoch
+    epochs, iters_per_epoch = 30, 150
+    schedule = LRSchedule(max_iter=epochs * iters_per_epoch, name="cosine",
+                          step_every=iters_per_epoch)
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    for epoch in range(epochs):
+        expected = optimizer.param_groups[0]["lr"]
+        for iteration in (epoch * iters_per_epoch, (epoch + 1) * iters_per_epoch - 1):
+            assert 0.1 * schedule(iteration) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        optimizer.step()
+        reference.step()
+    # per iteration (step_every 1) differs inside an epoch
+    assert LRSchedule(max_iter=4500, name="cosine")(149) < schedule(149) == 1.0
+
+
+def test_lr_step_every_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="solver.lr_step_every"):
+        make_cfg(tmp_path, "solver.lr_step_every", "0")
+
+
+class ProgressRecorder(ToyRegression):
+    """Records what the trainer says it has consumed before each step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress: list[int] = []
+
+    def set_training_progress(self, samples_seen: int) -> None:
+        self.progress.append(samples_seen)
+
+
+def test_trainer_tells_the_method_its_progress_and_a_resume_continues_it(tmp_path):
+    method = ProgressRecorder()
+    train(make_cfg(tmp_path, "solver.max_iter", "3"), method)
+    assert method.progress == [0, 8, 16]  # iterations before each step x ims_per_batch 8
+    resumed = ProgressRecorder()
+    cfg = make_cfg(tmp_path, "solver.max_iter", "5")
+    trainer = build_trainer(cfg, resumed)
+    checkpointer = Checkpointer(resumed, cfg.output_dir, **trainer.state_dicts())
+    trainer.train(checkpointer.resume_or_load(resume=True), cfg.solver.max_iter)
+    assert resumed.progress == [24, 32]

@@ -47,6 +47,9 @@ class SolverConfig:
     warmup_method: str = "linear"  # linear | constant
     warmup_iters: int = 0
     warmup_factor: float = 0.001  # lr factor at iteration 0 of the warmup
+    # the schedule's factor changes every N iterations: N = iterations per epoch gives a
+    # per-epoch schedule (CLIP2Scene's cosine); 1 = every iteration
+    lr_step_every: int = 1
 
     amp: str = "none"  # none | bf16 | fp16; GPU only (ignored with a warning on CPU)
 

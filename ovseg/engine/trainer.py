@@ -179,7 +179,9 @@ class LRSchedule:
     Warmup multiplies the first ``warmup_iters`` iterations by a factor rising linearly from
     ``warmup_factor`` to 1 (``linear``) or held at ``warmup_factor`` (``constant``). The main
     schedule runs over ``[0, max_iter]``: ``poly`` (1 - t)^power, ``cosine`` (1 + cos(pi t)) / 2,
-    both from 1 to ``end_factor``; ``step`` multiplies by ``gamma`` at each of ``steps``.
+    both from 1 to ``end_factor``; ``step`` multiplies by ``gamma`` at each of ``steps``. With
+    ``step_every`` N > 1 the main factor changes only every N iterations (an epoch of N
+    iterations: a per-epoch schedule); warmup stays per iteration.
     """
 
     max_iter: int
@@ -191,6 +193,7 @@ class LRSchedule:
     warmup_method: str = "linear"
     warmup_iters: int = 0
     warmup_factor: float = 0.001
+    step_every: int = 1
 
     def __post_init__(self) -> None:
         if self.name not in LR_SCHEDULERS:
@@ -206,6 +209,8 @@ class LRSchedule:
         return self.main_factor(iteration) * self.warmup(iteration)
 
     def main_factor(self, iteration: int) -> float:
+        # a per-epoch schedule holds the factor through each block of step_every iterations
+        iteration = iteration // self.step_every * self.step_every
         t = min(max(iteration / max(self.max_iter, 1), 0.0), 1.0)
         if self.name == "poly":
             return self.end_factor + (1 - self.end_factor) * (1 - t) ** self.poly_power
@@ -245,6 +250,7 @@ def build_lr_scheduler(solver, optimizer: torch.optim.Optimizer) -> ConfiguredLR
         steps=[int(s) for s in solver.steps], gamma=solver.gamma,
         end_factor=solver.end_lr_factor, warmup_method=str(solver.warmup_method),
         warmup_iters=solver.warmup_iters, warmup_factor=solver.warmup_factor,
+        step_every=solver.lr_step_every,
     )
     return ConfiguredLR(optimizer, schedule)
 
@@ -325,6 +331,22 @@ class _LossForward(nn.Module):
 # --------------------------------------------------------------------------- trainer
 
 
+def _next_batch(batches):
+    """``next(batches)``; an OvsegError raised in a loader worker process (which the DataLoader
+    hands over as "Caught X in DataLoader worker process N" plus the worker's traceback) is
+    raised again with its own one-line message."""
+    try:
+        return next(batches)
+    except OvsegError as error:
+        text = str(error)
+        if not text.startswith("Caught ") or "Original Traceback" not in text:
+            raise
+        # the traceback's last line is "module.ErrorClass: the message"
+        last = text.rstrip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+        raise type(error)(message) from None
+
+
 class Trainer:
     """Runs optimizer steps of ``method.loss`` and calls the hooks around each.
 
@@ -338,6 +360,9 @@ class Trainer:
         clip_grad_norm: max L2 norm of all gradients; 0 = off.
         amp: ``none`` | ``bf16`` | ``fp16``; only on CUDA (a warning on CPU).
         seed: seeds the loader's workers (with the rank and the start position).
+
+    A method with ``set_training_progress(samples_seen=...)`` is told, before each step, how many
+    samples all processes have consumed in the steps before it (``iter * ims_per_batch``).
 
     Attributes read by hooks: ``iter`` (completed steps), ``start_iter``, ``max_iter``,
     ``last_losses`` ({name: float} of the last step, this process), ``last_lr`` (of the first
@@ -457,11 +482,16 @@ class Trainer:
         """One optimizer step: ``grad_accum_steps`` micro-batches, clip, step; ``iter`` += 1."""
         started = time.perf_counter()
         self.model.train()
+        # methods with an epoch-dependent loss (CLIP2Scene's self-training) read their position
+        # from here: derived from the restored iteration, it survives a resume
+        set_progress = getattr(self.method, "set_training_progress", None)
+        if callable(set_progress):
+            set_progress(samples_seen=self.iter * self.ims_per_batch)
         data_time = 0.0
         summed: dict[str, torch.Tensor] = {}
         for micro in range(self.grad_accum_steps):
             fetch = time.perf_counter()
-            batch = move_to_device(next(self._data_iter), self.device)
+            batch = move_to_device(_next_batch(self._data_iter), self.device)
             data_time += time.perf_counter() - fetch
             last = micro == self.grad_accum_steps - 1
             # accumulate locally; DDP all-reduces once, in the last micro-batch's backward

@@ -64,10 +64,10 @@ class Clip2SceneConfig:
     student_weights: str = ""  # the authors' MinkowskiEngine checkpoint ("" = none)
     # ---- teacher (training only) -------------------------------------------------------------
     teacher_mode: str = "maskclip"  # a dense_clip last-block mode
-    # true = CLIP mean/std normalisation (correct CLIP use); false = the reference's [0, 1]
-    # guess: default true, since the missing normalisation is a suspected cause of the
-    # reference's near-zero annotation-free mIoU (its issue 14)
-    teacher_normalize: bool = True
+    # false = the reference's [0, 1] input without CLIP mean/std (the default follows the
+    # code, as the spec does); true = correct CLIP use, which the reference's near-zero
+    # annotation-free mIoU report (its issue 14) suggests trying
+    teacher_normalize: bool = False
     # frozen width -> joint-dim 1x1 projection of the value features: "random" (the
     # reference's random init) or "clip" (CLIP's own ln_post + proj)
     image_projection: str = "random"
@@ -164,8 +164,9 @@ class Clip2Scene(nn.Module):
         self.image_projection = projection.to(self.device).requires_grad_(False)
         if settings.student_weights:
             load_authors_checkpoint(self.student, settings.student_weights, MINKUNET_CONFIG_KEY)
-        # samples seen by loss() (per process): the epoch for the self-training switch
-        self.register_buffer("samples_seen", torch.zeros((), dtype=torch.int64))
+        # samples all processes consumed before this step (set by the trainer each step, from
+        # its restored iteration, so a resumed run knows its epoch): the self-training switch
+        self.samples_seen = 0
         self.train_size = 0
 
     @property
@@ -173,6 +174,10 @@ class Clip2Scene(nn.Module):
         return self.clip.mean.device
 
     # ---- training hooks (ovseg.methods.clip2scene.training) --------------------------------
+    def set_training_progress(self, samples_seen: int) -> None:
+        """Called by the trainer before each step: samples consumed over all processes."""
+        self.samples_seen = int(samples_seen)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.student.parameters())
 

@@ -338,8 +338,10 @@ def batch_teacher(model: nn.Module, crops: Tensor, text: Tensor,
 
 
 def current_epoch(model: nn.Module) -> int:
+    """Completed epochs before this step: samples consumed over all processes (the trainer
+    sets them from its iteration) over the training set's size."""
     size = max(int(getattr(model, "train_size", 0)), 1)
-    return int(model.samples_seen.item()) // size
+    return int(model.samples_seen) // size
 
 
 def clip2scene_loss(model: nn.Module, batch: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -385,8 +387,6 @@ def clip2scene_loss(model: nn.Module, batch: list[dict[str, Any]]) -> dict[str, 
     draw = float(torch.rand(()))
     targets = semantic_targets(pixel_labels, logits.detach().argmax(1), epoch,
                                settings.self_training_epoch, settings.self_training_prob, draw)
-    if model.training:
-        model.samples_seen += len(batch)
     semantic = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
     spatial = (1 - F.cosine_similarity(point_local, image_features, dim=1)).mean()
     return {"loss_semantic": semantic, "loss_spatial": settings.spatial_weight * spatial}
