@@ -1,11 +1,14 @@
 """Benchmark of output memory: peak RSS of a 12000x12000 image against a 1024x1024 one.
 
-Prints, for dense_clip (MaskCLIP, CLIP ViT-B/16) and Trident (CLIP ViT-B/16 + DINO ViT-B/16 +
-SAM ViT-B, coarse prediction: refinement off), all with random weights and the 150 ADE20K
+Prints, for every 2D method at its paper size, all with random weights and the 150 ADE20K
 classes (one template each, so the text encoder does not dominate the run), the peak memory of
-one predict on a 1024^2 and a 12000^2 image, each in a fresh child process, and their ratio.
-The input image (3 bytes a pixel) and the int64 label map that ``predict`` returns (8 bytes a
-pixel) are part of every peak; a second ratio leaves those two out.
+one predict on a 1024^2 and a 12000^2 image, each in a fresh child process, and their ratio:
+dense_clip (MaskCLIP, CLIP ViT-B/16), Trident (CLIP ViT-B/16 + DINO ViT-B/16 + SAM ViT-B,
+coarse prediction: refinement off), CLIP-DINOiser (ViT-B/16), mask-adapted CLIP (R101c
+proposals + ViT-B/16) and CLOC (ViT-B/16). The input image (3 bytes a pixel) and the label map
+that ``predict`` returns (1 byte a pixel for 150 classes) are part of every peak; a second
+ratio leaves those two out. (The linear probe has no full-size config: it is dense_clip's
+window pipeline with a trained 1x1 head.)
 
     python bench/memory.py [--device cuda] [--sides 1024 12000] [--methods dense_clip trident]
         [--precision fp32|fp16|bf16]
@@ -33,6 +36,13 @@ CONFIGS = {
         "model.clip.weights", "random", "model.dino.weights", "random",
         "model.sam.weights", "random", "model.refine.enabled", "false",
     ]),
+    "clip_dinoiser": ("clip_dinoiser/ade20k_150.yaml", [
+        "model.clip.weights", "random", "model.dino.weights", "random",
+    ]),
+    "mask_adapted": ("mask_adapted/ade20k_150.yaml", [
+        "model.clip.weights", "random", "model.mask_adapted.checkpoint", "",
+    ]),
+    "cloc": ("cloc/base_vitb16.yaml", ["model.clip.weights", "random"]),
 }
 CLASS_FILE = Path(ovseg.__file__).parent / "data" / "classes" / "ade20k_150.txt"
 
@@ -98,7 +108,7 @@ def main() -> None:
             large = peak_memory(args, method, large_side)
             print(f"{method} peak memory {small_side}^2 (MiB): {small['peak_mib']:.0f}")
             print(f"{method} peak memory {large_side}^2 (MiB): {large['peak_mib']:.0f}")
-            print(f"{method} input image + int64 labels {large_side}^2 (MiB): "
+            print(f"{method} input image + labels {large_side}^2 (MiB): "
                   f"{large['io_mib']:.0f}")
             ratio = large["peak_mib"] / small["peak_mib"]
             print(f"{method} memory ratio: {ratio:.3f} (goal <= 1.5)")

@@ -28,7 +28,7 @@ def test_predict_gives_labels_and_probabilities_at_input_size(image, mode):
     model = tiny_model("model.dense_clip.mode", mode)
     result = model.predict(image, "cat, dog, sky")
     assert result.classes == ["cat", "dog", "sky"]
-    assert result.labels.shape == (70, 110) and result.labels.dtype == np.int64
+    assert result.labels.shape == (70, 110) and result.labels.dtype == np.uint8
     assert result.logits.shape == (3, 70, 110)
     assert torch.allclose(result.logits.sum(0), torch.ones(70, 110), atol=1e-5)
     assert np.array_equal(result.labels, result.logits.argmax(0).numpy())

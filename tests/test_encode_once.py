@@ -10,6 +10,7 @@ import ovseg
 from ovseg.encoders.clip import ClipEncoder
 from ovseg.encoders.dino import DinoEncoder
 from ovseg.encoders.sam import SamEncoder
+from ovseg.methods.base import Prediction, label_dtype, labels_in_bands
 
 CONFIGS = {
     "dense_clip": ("tiny/dense_clip_tiny.yaml", ()),
@@ -110,3 +111,24 @@ def test_predict_never_builds_a_full_resolution_class_map(config, image, monkeyp
     monkeypatch.undo()
     assert result.labels.shape == (700, 1100)
     assert 700 * 1100 <= largest[0] < 40 * 700 * 1100 // 4  # the labels, never the class map
+
+
+@pytest.mark.parametrize(("num_classes", "dtype"), [
+    (1, torch.uint8), (255, torch.uint8), (256, torch.int16), (32767, torch.int16),
+    (32768, torch.int32),
+])
+def test_label_dtype_is_the_smallest_that_holds_every_index(num_classes, dtype):
+    assert label_dtype(num_classes) == dtype
+    assert torch.iinfo(dtype).max >= num_classes - 1
+
+
+def test_prediction_labels_keep_their_values_in_the_small_dtype():
+    scores = torch.randn(300, 3, 5)
+    labels = labels_in_bands(scores, (7, 11), lambda band: band.argmax(0))
+    wide = labels_in_bands(scores, (7, 11), lambda band: band.argmax(0), num_classes=10**6)
+    assert labels.dtype == torch.int16 and wide.dtype == torch.int32
+    assert torch.equal(labels.long(), wide.long()) and int(labels.max()) > 255
+    names = [f"c{i}" for i in range(300)]
+    prediction = Prediction(wide.numpy(), names, scores, lambda band: band)
+    assert prediction.labels.dtype == np.int16
+    np.testing.assert_array_equal(prediction.labels, wide.numpy())

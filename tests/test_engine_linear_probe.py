@@ -63,7 +63,7 @@ def test_loss_leaves_ignore_pixels_out_and_averages_per_image(probe):
 def test_predict_the_trained_classes_only(probe):
     image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
     prediction = probe.predict(image, ["red", "green", "blue"])
-    assert prediction.labels.shape == (50, 70) and prediction.labels.dtype == np.int64
+    assert prediction.labels.shape == (50, 70) and prediction.labels.dtype == np.uint8
     assert prediction.logits.shape == (3, 50, 70)
     torch.testing.assert_close(prediction.logits.sum(0), torch.ones(50, 70))
     with pytest.raises(VocabularyError, match="predicts only the 3 classes it was trained on"):

@@ -420,7 +420,7 @@ def test_predict_on_a_non_square_image(image, refine, monkeypatch):
     calls = count_decoder_calls(model, monkeypatch)
     result = model.predict(image, "cat, dog, sky")
     assert result.classes == ["cat", "dog", "sky"]
-    assert result.labels.shape == (70, 110) and result.labels.dtype == np.int64
+    assert result.labels.shape == (70, 110) and result.labels.dtype == np.uint8
     assert result.logits.shape == (3, 70, 110)
     assert bool(calls) == refine
     # the scores are the ones the labels were taken from, refined or not (prob_thd is 0)

@@ -13,7 +13,13 @@ from ovseg.methods.base import Prediction
 from ovseg.methods.clip2scene import Clip2SceneConfig, build_clip2scene
 from ovseg.methods.clip_dinoiser import ClipDinoiserConfig, build_clip_dinoiser
 from ovseg.methods.cloc import ClocConfig, build_cloc
-from ovseg.methods.dense_clip import DenseClip, DenseClipConfig, PamrConfig, build_dense_clip
+from ovseg.methods.dense_clip import (
+    DenseClip,
+    DenseClipConfig,
+    PamrConfig,
+    build_dense_clip,
+    dense_clip_encoders,
+)
 from ovseg.methods.linear_probe import build_linear_probe
 from ovseg.methods.mask_adapted import MaskAdaptedConfig, build_mask_adapted
 from ovseg.methods.sam_refine import RefineConfig
@@ -26,7 +32,8 @@ METHODS: dict[str, Method] = {
     "cloc": Method(build_cloc, ClocConfig, reads=("clip",)),
     "dense_clip": Method(build_dense_clip, DenseClipConfig,
                          reads=("clip", "dino", "sam", "inference"),
-                         extra={"pamr": PamrConfig, "refine": RefineConfig}),
+                         extra={"pamr": PamrConfig, "refine": RefineConfig},
+                         encoders=dense_clip_encoders),
     "linear_probe": Method(build_linear_probe, reads=("clip", "inference")),
     "mask_adapted": Method(build_mask_adapted, MaskAdaptedConfig, reads=("clip", "inference")),
     "trident": Method(build_trident, TridentConfig, reads=("clip", "dino", "sam", "inference"),
@@ -39,7 +46,10 @@ def build_model(cfg):
     name = cfg.model.name
     if name not in METHODS:
         raise ConfigError(f"model.name: unknown method {name!r}; one of {sorted(METHODS)}")
-    return METHODS[name].build(cfg)
+    model = METHODS[name].build(cfg)
+    if hasattr(model, "max_image_pixels"):  # the 2D methods: their input size limit
+        model.max_image_pixels = int(cfg.model.max_image_pixels)
+    return model
 
 
 __all__ = ["METHODS", "DenseClip", "Method", "Prediction", "build_model"]

@@ -22,6 +22,17 @@ BAND_ROWS = 64
 BAND_ELEMENTS = 1 << 22
 
 
+def label_dtype(num_classes: int) -> torch.dtype:
+    """The integer type of a label map over ``num_classes`` classes: uint8 up to 255 classes,
+    int16 up to 32767, int32 beyond. One byte a pixel instead of int64's eight keeps a
+    12000x12000 result at 137 MiB (1.1 GiB as int64), within the bounded-memory promise."""
+    if num_classes <= 255:
+        return torch.uint8
+    if num_classes <= 32767:
+        return torch.int16
+    return torch.int32
+
+
 def band_rows_for(channels: int, width: int) -> int:
     """Rows per band for a (channels, rows, width) map: at most :data:`BAND_ROWS`, at least 1,
     about :data:`BAND_ELEMENTS` floats a band (16 MiB in float32)."""
@@ -45,7 +56,9 @@ class ImageState:
 class Prediction:
     """A dense open-vocabulary prediction for one image.
 
-    labels: (H, W) int64 **numpy** array at the input resolution, an index into ``classes``.
+    labels: (H, W) **numpy** array at the input resolution, an index into ``classes``, of
+        the smallest integer type that holds it (:func:`label_dtype`: uint8 up to 255 classes;
+        cast with ``.astype(np.int64)`` before arithmetic that may leave that range).
     classes: the C display names, in vocabulary order.
     scores: (K, h, w) float32 **torch** tensor on the CPU at the method's working resolution
         (dense_clip: the stitched name cosines of the resized image; Trident: the name cosines
@@ -63,6 +76,11 @@ class Prediction:
     scores: torch.Tensor
     to_probabilities: Callable[[torch.Tensor], torch.Tensor]
     _resizer: BandResizer | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        dtype = torch.empty((), dtype=label_dtype(len(self.classes))).numpy().dtype
+        if self.labels.dtype != dtype:  # methods build them so; this keeps the contract
+            self.labels = self.labels.astype(dtype)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -104,11 +122,14 @@ def labels_in_bands(
     size: tuple[int, int],
     to_labels: Callable[[torch.Tensor], torch.Tensor],
     band_rows: int | None = None,
+    num_classes: int | None = None,
 ) -> torch.Tensor:
-    """(H, W) int64 labels on the CPU: ``to_labels`` of each band of ``scores`` (K, h, w)
-    resized to ``size``; memory is one band, never the whole (K, H, W) map. ``band_rows``
-    None = :func:`band_rows_for`, the bands :meth:`Prediction.bands` makes."""
-    labels = torch.empty(size, dtype=torch.int64)
+    """(H, W) labels on the CPU, of :func:`label_dtype` of ``num_classes`` (None = K):
+    ``to_labels`` of each band of ``scores`` (K, h, w) resized to ``size``; memory is one
+    band, never the whole (K, H, W) map. ``band_rows`` None = :func:`band_rows_for`, the bands
+    :meth:`Prediction.bands` makes."""
+    classes = scores.shape[0] if num_classes is None else num_classes
+    labels = torch.empty(size, dtype=label_dtype(classes))
     for rows, band in score_bands(scores, size, band_rows):
         labels[rows] = to_labels(band).cpu()
     return labels

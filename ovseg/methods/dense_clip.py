@@ -74,6 +74,10 @@ class PamrConfig:
 class DenseClip(nn.Module):
     """A training-free dense CLIP segmentor; ``mode`` picks the last-block variant."""
 
+    # the largest input predict takes (None = the default); build_model sets
+    # cfg.model.max_image_pixels
+    max_image_pixels: int | None = None
+
     def __init__(
         self,
         clip: ClipEncoder,
@@ -153,10 +157,11 @@ class DenseClip(nn.Module):
         """Resize an (H, W, 3) uint8 RGB image by its short side and run CLIP (and DINO) over
         its sliding windows: all that does not depend on the vocabulary, kept per window batch
         for :meth:`predict`."""
-        image = check_image(image, "DenseClip")
+        image = check_image(image, "DenseClip", self.max_image_pixels)
         inference = self.inference
         height, width = image.shape[:2]
-        size = rescale_size(height, width, inference.short_side, inference.max_long_side)
+        size = rescale_size(height, width, inference.short_side, inference.max_long_side,
+                            min_side=self.clip.patch_size)
         x = self.clip.normalize(image_tensor(image, size, self.device))
         return DenseClipState(
             size=(int(height), int(width)), resized=tuple(size), windows=self.window_pass(x),
@@ -214,7 +219,7 @@ class DenseClip(nn.Module):
     def _class_probabilities_in_bands(self, cosine, size, vocabulary) -> torch.Tensor:
         """(C, H, W) class probabilities of (N_names, h, w) cosines resized to ``size``, made a
         band of rows at a time as :class:`Prediction` makes them."""
-        return Prediction(np.zeros(size, dtype=np.int64), vocabulary.class_names, cosine,
+        return Prediction(np.zeros(size, dtype=np.uint8), vocabulary.class_names, cosine,
                           partial(self.class_probabilities, vocabulary=vocabulary)).probabilities()
 
     @torch.inference_mode()
@@ -250,6 +255,7 @@ class DenseClip(nn.Module):
         labels = labels_in_bands(
             scores, state.size,
             lambda band: labels_from_probabilities(to_decision(band), settings.prob_thd),
+            num_classes=len(vocabulary.class_names),
         )
         prediction = Prediction(labels.numpy(), vocabulary.class_names, scores, to_probabilities)
         if self.refiner is not None:
@@ -306,6 +312,15 @@ class DenseClipState(ImageState):
     windows: list[tuple[WindowBatch | None, WindowFeatures]] = field(default_factory=list)
     guide: torch.Tensor | None = None
     sam_features: SamFeatures | None = None
+
+
+def dense_clip_encoders(cfg) -> tuple[str, ...]:
+    """The encoders :func:`build_dense_clip` builds for ``cfg``: CLIP; the proxy's DINO (or
+    SAM); SAM for the refinement."""
+    model_cfg = cfg.model
+    proxy = model_cfg.dense_clip.proxy if model_cfg.dense_clip.mode == "proxy" else None
+    sam = model_cfg.refine.enabled or proxy == "sam"
+    return ("clip",) + (("dino",) if proxy == "dino" else ()) + (("sam",) if sam else ())
 
 
 def build_dense_clip(cfg) -> DenseClip:

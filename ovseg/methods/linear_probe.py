@@ -80,6 +80,10 @@ class LinearProbe(nn.Module):
         bias: give the classifier a bias.
     """
 
+    # the largest input predict takes (None = the default); build_model sets
+    # cfg.model.max_image_pixels
+    max_image_pixels: int | None = None
+
     def __init__(self, clip: ClipEncoder, class_names: Sequence[str], inference: InferenceConfig,
                  bias: bool = True) -> None:
         super().__init__()
@@ -154,16 +158,18 @@ class LinearProbe(nn.Module):
                 f"{vocabulary.num_classes} classes ({', '.join(vocabulary.class_names[:5])}"
                 f"{', ...' if vocabulary.num_classes > 5 else ''})"
             )
-        image = check_image(image, "LinearProbe")
+        image = check_image(image, "LinearProbe", self.max_image_pixels)
         height, width = image.shape[:2]
         settings = self.inference
-        size = rescale_size(height, width, settings.short_side, settings.max_long_side)
+        size = rescale_size(height, width, settings.short_side, settings.max_long_side,
+                            min_side=self.clip.patch_size)
         x = self.clip.normalize(image_tensor(image, size, self.device))
         logits = sliding_window_logits(
             x, self, crop=settings.crop, stride=settings.stride,
             window_batch=settings.window_batch, pad_multiple=settings.pad_multiple,
         )[0].cpu()
-        labels = labels_in_bands(logits, (height, width), lambda band: band.argmax(0))
+        labels = labels_in_bands(logits, (height, width), lambda band: band.argmax(0),
+                                 num_classes=len(self.class_names))
         return Prediction(labels.numpy(), list(self.class_names), logits, _softmax_over_classes)
 
 

@@ -123,7 +123,8 @@ def scale_image(image: np.ndarray, clip: ClipEncoder, inference: InferenceConfig
     mmseg's keep-ratio resize to (max_long_side, short_side) (cv2 bilinear, mmcv rounding),
     then :func:`processed_size` with the crop as the smallest side.
     """
-    size = rescale_size(*image.shape[:2], inference.short_side, inference.max_long_side)
+    size = rescale_size(*image.shape[:2], inference.short_side, inference.max_long_side,
+                        min_side=clip.patch_size)
     pixels = image_tensor(image, size, clip.mean.device).float()
     target = processed_size(*size, clip.patch_size, inference.crop)
     if target != size:
@@ -464,7 +465,7 @@ def class_probabilities(
         (C, H, W) float32 on the CPU.
     """
     return Prediction(
-        np.zeros(size, dtype=np.int64), vocabulary.class_names, cosine,
+        np.zeros(size, dtype=np.uint8), vocabulary.class_names, cosine,
         partial(scored_classes, vocabulary=vocabulary, logit_scale=logit_scale),
     ).probabilities()
 
@@ -472,6 +473,10 @@ def class_probabilities(
 # ---- the model -------------------------------------------------------------------------------
 class Trident(nn.Module):
     """Training-free Trident segmentor: ``predict(image, vocabulary) -> Prediction``."""
+
+    # the largest input predict takes (None = the default); build_model sets
+    # cfg.model.max_image_pixels
+    max_image_pixels: int | None = None
 
     def __init__(
         self,
@@ -551,7 +556,7 @@ class Trident(nn.Module):
     def encode(self, image: np.ndarray) -> TridentState:
         """Steps 0-4 (and 7) of an (H, W, 3) uint8 RGB image: all that does not depend on the
         vocabulary (CLIP, DINO and SAM forwards), kept for :meth:`predict`."""
-        image = check_image(image, "Trident")
+        image = check_image(image, "Trident", self.max_image_pixels)
         canvas = self.spliced_features(scale_image(image, self.clip, self.inference))
         sam_image = sam_input_image(image, self.clip.patch_size)
         aggregated, features = self.aggregate(canvas, sam_image)
@@ -597,6 +602,7 @@ class Trident(nn.Module):
         labels = labels_in_bands(
             cosine, state.size,
             lambda band: labels_from_probabilities(to_probabilities(band), settings.prob_thd),
+            num_classes=len(vocabulary.class_names),
         )
         prediction = Prediction(labels.numpy(), vocabulary.class_names, cosine, to_probabilities)
         if self.refiner is not None:

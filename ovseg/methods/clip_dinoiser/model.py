@@ -94,6 +94,10 @@ class ClipDinoiser(nn.Module):
         dino_settings: ``model.dino``, the correlation teacher (read by training only).
     """
 
+    # the largest input predict takes (None = the default); build_model sets
+    # cfg.model.max_image_pixels
+    max_image_pixels: int | None = None
+
     def __init__(
         self,
         clip: ClipEncoder,
@@ -199,10 +203,11 @@ class ClipDinoiser(nn.Module):
     def encode(self, image: np.ndarray) -> ClipDinoiserState:
         """Resize an (H, W, 3) uint8 RGB image by its short side and run CLIP and the heads
         over its sliding windows; kept per window batch for :meth:`predict`."""
-        image = check_image(image, "ClipDinoiser")
+        image = check_image(image, "ClipDinoiser", self.max_image_pixels)
         inference = self.inference
         height, width = image.shape[:2]
-        size = rescale_size(height, width, inference.short_side, inference.max_long_side)
+        size = rescale_size(height, width, inference.short_side, inference.max_long_side,
+                            min_side=self.clip.patch_size)
         x = self.clip.normalize(image_tensor(image, size, self.device))
         if inference.crop <= 0:  # the whole image is one window
             batches = [(WindowBatch([(0, 0, *size)], (0, 0, 0, 0), tuple(size)), x)]
@@ -242,7 +247,8 @@ class ClipDinoiser(nn.Module):
                                                                           vocabulary)))
                    for batch, outputs in state.windows)
         scores = splice_windows(spliced, state.resized).cpu()
-        labels = labels_in_bands(scores, state.size, _argmax)
+        labels = labels_in_bands(scores, state.size, _argmax,
+                                 num_classes=len(vocabulary.class_names))
         return Prediction(labels.numpy(), vocabulary.class_names, scores, _as_they_are)
 
     def load_heads(self, path: str, config_key: str = HEADS_CONFIG_KEY) -> None:

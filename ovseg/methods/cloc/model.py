@@ -108,6 +108,10 @@ class Cloc(nn.Module):
         text_cache_dir: unused (class names are encoded without templates, kept in memory).
     """
 
+    # the largest input predict takes (None = the default); build_model sets
+    # cfg.model.max_image_pixels
+    max_image_pixels: int | None = None
+
     def __init__(self, clip: ClipEncoder, settings: ClocConfig):
         super().__init__()
         check_settings(settings, clip.patch_size)
@@ -166,7 +170,7 @@ class Cloc(nn.Module):
         """(H, W, 3) uint8 RGB -> (1, 3, S, S) CLIP-normalised input (long side resized to
         S = ``image_size``, zero-padded at the bottom and right after normalisation) and the
         resized (h, w)."""
-        image = check_image(image, "Cloc")
+        image = check_image(image, "Cloc", self.max_image_pixels)
         side = self.settings.image_size
         height, width = image.shape[:2]
         scale = side / max(height, width)
@@ -184,7 +188,7 @@ class Cloc(nn.Module):
     @torch.no_grad()
     def encode(self, image: np.ndarray) -> ClocState:
         """Everything of an image that does not depend on the prompts or the vocabulary."""
-        image = check_image(image, "Cloc")
+        image = check_image(image, "Cloc", self.max_image_pixels)
         x, resized = self.image_input(image)
         tokens, embedding = self.image_tokens(x)
         side = self.settings.image_size // self.clip.patch_size
@@ -313,7 +317,8 @@ class Cloc(nn.Module):
         cosine = (regions @ self.class_text(vocabulary.names).T.to(regions)).T
         scores = class_probabilities(cosine.reshape(-1, rows, cols), vocabulary,
                                      self.settings.dense_logit_scale).float().cpu()
-        labels = labels_in_bands(scores, state.size, lambda band: band.argmax(0))
+        labels = labels_in_bands(scores, state.size, lambda band: band.argmax(0),
+                                 num_classes=len(vocabulary.class_names))
         return Prediction(labels.numpy(), vocabulary.class_names, scores, lambda band: band)
 
 

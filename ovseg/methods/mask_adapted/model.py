@@ -121,6 +121,10 @@ class MaskAdapted(nn.Module):
         text_cache_dir: on-disk text-classifier cache (None = the default).
     """
 
+    # the largest input predict takes (None = the default); build_model sets
+    # cfg.model.max_image_pixels
+    max_image_pixels: int | None = None
+
     def __init__(self, clip: ClipEncoder, proposals: MaskProposalNetwork,
                  settings: MaskAdaptedConfig, inference: InferenceConfig, templates: list[str],
                  text_cache_dir: str | None = None):
@@ -294,7 +298,7 @@ class MaskAdapted(nn.Module):
     def encode(self, image: np.ndarray) -> MaskAdaptedState:
         """Everything of an (H, W, 3) uint8 RGB image that does not depend on the vocabulary:
         proposals and the CLIP embeddings of their masked regions."""
-        image = check_image(image, "MaskAdapted")
+        image = check_image(image, "MaskAdapted", self.max_image_pixels)
         height, width = image.shape[:2]
         inference = self.inference
         size = rescale_size(height, width, inference.short_side, inference.max_long_side)
@@ -333,7 +337,8 @@ class MaskAdapted(nn.Module):
             probabilities = torch.zeros((1, len(vocabulary.names)))
         to_probabilities = SoftMaskMap(probabilities, vocabulary.name_to_class,
                                        vocabulary.num_classes)
-        labels = labels_in_bands(scores, state.size, to_probabilities.labels)
+        labels = labels_in_bands(scores, state.size, to_probabilities.labels,
+                                 num_classes=len(vocabulary.class_names))
         return Prediction(labels.numpy(), vocabulary.class_names, scores, to_probabilities)
 
     def query_probabilities(self, state: MaskAdaptedState, text: Tensor) -> tuple[Tensor, Tensor]:
