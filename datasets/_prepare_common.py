@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import lzma
 import os
 import shutil
 import stat
 import sys
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
@@ -238,6 +240,24 @@ def lookup_table(mapping: dict[int, int], size: int, fill: int, dtype: type) -> 
 
 # ---------------------------------------------------------------------------------- archives
 
+# what reading a damaged, truncated or mislabelled archive raises (gzip and bz2: OSError)
+_ARCHIVE_READ_ERRORS = (
+    zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
+    NotImplementedError, UnicodeDecodeError, OSError,
+)
+
+
+def _damaged(archive: Path, error: BaseException, member: str = "") -> PrepareError:
+    """The one-line error for an archive that cannot be read (at ``member``, if known)."""
+    text = str(error).strip()
+    reason = text.splitlines()[0].rstrip(":") if text else type(error).__name__
+    kind = "zip" if archive.name.lower().endswith(".zip") else "tar"
+    where = f" at member {member!r}" if member else ""
+    return PrepareError(
+        f"{archive} is not a readable {kind} archive{where} ({reason}); it is damaged, "
+        "truncated or another file under this name: download it again"
+    )
+
 
 @dataclass(frozen=True)
 class _Member:
@@ -363,18 +383,51 @@ def _same_size_file(path: Path, size: int) -> bool:
     return path.is_file() and not path.is_symlink() and path.stat().st_size == size
 
 
-def _extract_member(member: _Member, target: Path) -> None:
+def _make_dirs(folder: Path, created: list[Path]) -> None:
+    """``mkdir -p folder``, adding the folders it creates to ``created`` (outermost first)."""
+    missing = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]
+    folder.mkdir(parents=True, exist_ok=True)
+    created.extend(reversed(missing))
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Undo an extraction that failed: remove what it created, innermost first."""
+    for path in reversed(created):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()  # only when empty: never a folder that held files before
+            else:
+                path.unlink()
+
+
+def _copy_member(source: IO[bytes], sink: IO[bytes], archive: Path, name: str) -> None:
+    """Copy a member's data; reading errors (a damaged archive) become a PrepareError, while
+    writing errors (a full disk) stay what they are."""
+    while True:
+        try:
+            block = source.read(1 << 20)
+        except _ARCHIVE_READ_ERRORS as error:
+            raise _damaged(archive, error, name) from None
+        if not block:
+            return
+        sink.write(block)
+
+
+def _extract_member(member: _Member, target: Path, archive: Path, created: list[Path]) -> None:
     destination = target.joinpath(*member.parts)
     if member.kind == "dir":
-        destination.mkdir(parents=True, exist_ok=True)
+        _make_dirs(destination, created)
         return
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(destination.parent, created)
+    existed = os.path.lexists(destination)
     if member.kind == "symlink":
         if destination.is_symlink() and os.readlink(destination) == member.link:
             return
         if destination.is_symlink() or destination.is_file():
             destination.unlink()
         os.symlink(member.link, destination)
+        if not existed:
+            created.append(destination)
         return
     if member.kind == "hardlink":
         # a copy, not os.link, so it is written atomically and skipped on a rerun like any file
@@ -383,13 +436,22 @@ def _extract_member(member: _Member, target: Path) -> None:
             return
         with atomic_path(destination) as temporary:
             shutil.copyfile(source, temporary)
+        if not existed:
+            created.append(destination)
         return
     if _same_size_file(destination, member.size):
         return
     assert member.open is not None
-    with member.open() as source, atomic_path(destination) as temporary:
+    name = "/".join(member.parts)
+    try:
+        opened = member.open()
+    except _ARCHIVE_READ_ERRORS as error:
+        raise _damaged(archive, error, name) from None
+    with opened as source, atomic_path(destination) as temporary:
         with open(temporary, "wb") as sink:
-            shutil.copyfileobj(source, sink, length=1 << 20)
+            _copy_member(source, sink, archive, name)
+    if not existed:
+        created.append(destination)
 
 
 @contextlib.contextmanager
@@ -397,15 +459,26 @@ def _archive_members(archive: Path) -> Iterator[list[_Member]]:
     """The members of an open ``.zip`` or ``.tar[.gz|.bz2|.xz]``, readable inside the block."""
     name = archive.name.lower()
     if name.endswith(".zip"):
-        with zipfile.ZipFile(archive) as opened:
-            yield list(_zip_members(opened))
+        open_archive, list_members = functools.partial(zipfile.ZipFile, archive), _zip_members
     elif name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
-        with tarfile.open(archive, "r:*") as opened:
-            yield list(_tar_members(opened))
+        open_archive = functools.partial(tarfile.open, archive, "r:*")
+        list_members = _tar_members
     else:
         raise PrepareError(
             f"cannot extract {archive}: expected a .zip, .tar, .tar.gz, .tgz, .tar.bz2 or .tar.xz"
         )
+    # listing reads a zip's central directory and walks a whole tar: a text file under an
+    # archive's name, or a truncated download, fails here, before anything is written
+    try:
+        opened = open_archive()
+    except _ARCHIVE_READ_ERRORS as error:
+        raise _damaged(archive, error) from None
+    with opened:
+        try:
+            members = list(list_members(opened))
+        except _ARCHIVE_READ_ERRORS as error:
+            raise _damaged(archive, error) from None
+        yield members
 
 
 def extract_archive(archive: Path, target: Path) -> int:
@@ -413,16 +486,30 @@ def extract_archive(archive: Path, target: Path) -> int:
 
     Every member is checked before anything is written: an absolute path, a ``..``
     component, a link pointing outside ``target`` or a member passing through a link makes
-    the whole archive a ``PrepareError`` with nothing extracted. Files already extracted
-    (same size) are skipped; each file is written atomically.
+    the whole archive a ``PrepareError`` with nothing extracted. A file that is not an
+    archive, or a damaged or truncated one, is a ``PrepareError`` too; when the damage shows
+    only while extracting (a member's data fails its CRC), or writing fails (a full disk),
+    what this call created is removed again. Files already extracted (same size) are skipped,
+    so an interrupted (Ctrl-C) extraction resumes; each file is written atomically.
 
     Returns:
         the number of members in the archive.
     """
     require_file(archive, "archive", "check the path given to --archive")
-    with _archive_members(archive) as members:
-        _check_members(members, target)
-        target.mkdir(parents=True, exist_ok=True)
-        for member in tqdm(members, desc=f"extracting {archive.name}", unit="file"):
-            _extract_member(member, target)
+    try:
+        with _archive_members(archive) as members:
+            _check_members(members, target)
+            created: list[Path] = []
+            try:
+                _make_dirs(target, created)
+                for member in tqdm(members, desc=f"extracting {archive.name}", unit="file"):
+                    _extract_member(member, target, archive, created)
+            except Exception:
+                # not on Ctrl-C: an interrupted extraction keeps its files to resume from
+                _remove_created(created)
+                raise
+    except PrepareError as error:
+        if str(archive) in str(error):
+            raise
+        raise PrepareError(f"{archive}: {error}") from None  # which archive refused
     return len(members)

@@ -9,31 +9,39 @@ For every input image ``<stem>`` it writes, into ``--output``:
 - ``<stem>_overlay.png``: class colours over the image, with a legend of the classes present;
 - ``<stem>.json``: ``{"image", "classes", "fractions", "height", "width"}``.
 Images with the same stem (``a/x.jpg``, ``b/x.png``) get ``x``, ``x_1``, ... in input order.
+Each file is written atomically (a temporary file renamed into place), and an image's files are
+all there or all absent.
+
+Output: one line per image done on stdout (``<image> -> <its output files>``); on stderr a
+progress bar when there are several images (on a terminal), the library's progress lines
+(e.g. "building the text classifier ..." while the text encoder embeds a new vocabulary) and
+the errors.
 
 Exit status: 0 all images done; 1 some images failed (one ``error:`` line each, the others are
 done); 2 a mistake that stops everything (vocabulary, inputs, config, weights, output folder),
-reported as one ``error:`` line; 130 interrupted.
+reported as one ``error:`` line before any output folder is created; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 import ovseg
+from ovseg.console import library_log_lines
 from ovseg.data.image_io import list_images, read_image
 from ovseg.errors import ConfigError, ImageReadError, OvsegError
 from ovseg.text.vocabulary import Vocabulary, parse_vocabulary, read_vocabulary_file
 from ovseg.vis import (
     class_fractions,
-    draw_legend,
-    overlay,
-    palette,
+    draw_regions,
+    legend_overlay,
     write_json,
     write_label_png,
     write_rgb_png,
@@ -43,9 +51,6 @@ EXIT_OK = 0
 EXIT_SOME_IMAGES_FAILED = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-# weight of the class colour in the overlay; the image stays recognisable underneath
-OVERLAY_ALPHA = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,29 +139,18 @@ def _prompts(text: str | None, size: int) -> np.ndarray | None:
     return np.asarray(rows, dtype=np.float64).reshape(-1, size)
 
 
-def _write_regions(output_dir: Path, stem: str, image: np.ndarray, boxes, points,
-                   labels: list[int], classes: list[str]) -> None:
-    """Draw each prompt with its best class into <stem>_regions.png; list them in .json."""
-    import cv2
+Output = tuple[Path, Callable[[Path], None]]
+"""A file to write and the function writing it there."""
 
-    shown = np.ascontiguousarray(image.copy())
-    colors = palette(classes)
-    prompts = [("box", b) for b in (boxes if boxes is not None else [])]
-    prompts += [("point", q) for q in (points if points is not None else [])]
-    entries = []
-    for (kind, coords), label in zip(prompts, labels, strict=True):
-        color = tuple(int(c) for c in colors[label])
-        xy = tuple(int(round(v)) for v in coords)
-        if kind == "box":
-            cv2.rectangle(shown, xy[:2], xy[2:], color, 2)
-        else:
-            cv2.circle(shown, xy, 4, color, -1)
-        cv2.putText(shown, classes[label], (xy[0] + 2, xy[1] + 12), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.4, color, 1)
-        entries.append({"kind": kind, "coords": [float(v) for v in coords],
-                        "class": classes[label]})
-    write_rgb_png(output_dir / f"{stem}_regions.png", shown)
-    write_json(output_dir / f"{stem}_regions.json", {"regions": entries})
+
+def _region_outputs(output_dir: Path, stem: str, image: np.ndarray, boxes, points,
+                    labels: list[int], classes: list[str]) -> list[Output]:
+    """Each prompt drawn with its best class (<stem>_regions.png) and listed (.json)."""
+    shown, entries = draw_regions(image, boxes, points, labels, classes)
+    return [
+        (output_dir / f"{stem}_regions.png", lambda path: write_rgb_png(path, shown)),
+        (output_dir / f"{stem}_regions.json", lambda path: write_json(path, {"regions": entries})),
+    ]
 
 
 def _default_device() -> str:
@@ -184,25 +178,22 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
     return stems
 
 
-def _write_outputs(
+def _segmentation_outputs(
     output_dir: Path,
     stem: str,
     image_path: Path,
     image: np.ndarray,
     labels: np.ndarray,
     classes: list[str],
-) -> None:
-    """Write the three outputs of one image; on a failure, none of them is left behind.
+) -> list[Output]:
+    """The three outputs of one image: label PNG, overlay with legend, JSON summary.
 
     Args:
         image: (H, W, 3) uint8 RGB input.
         labels: (H, W) integer indices into ``classes``.
     """
     fractions = class_fractions(labels, classes)
-    index_of = {name: i for i, name in reversed(list(enumerate(classes)))}
-    present = [index_of[name] for name in fractions]  # largest area first in the legend
-    colors = palette(classes)
-    shown = draw_legend(overlay(image, labels, colors, OVERLAY_ALPHA), classes, colors, present)
+    shown = legend_overlay(image, labels, classes)
     summary = {
         "image": str(image_path),
         "classes": list(classes),
@@ -210,49 +201,70 @@ def _write_outputs(
         "height": int(image.shape[0]),
         "width": int(image.shape[1]),
     }
-    # everything is computed above, so only I/O can fail from here on
-    targets = [
-        output_dir / f"{stem}_labels.png",
-        output_dir / f"{stem}_overlay.png",
-        output_dir / f"{stem}.json",
+    num_classes = len(classes)
+    return [
+        (output_dir / f"{stem}_labels.png", lambda to: write_label_png(to, labels, num_classes)),
+        (output_dir / f"{stem}_overlay.png", lambda path: write_rgb_png(path, shown)),
+        (output_dir / f"{stem}.json", lambda path: write_json(path, summary)),
     ]
+
+
+def _write_all(outputs: list[Output]) -> list[Path]:
+    """Write the files of one image; on a failure (or Ctrl-C), none of them is left behind.
+
+    Everything is computed before, so only I/O can fail here. Returns the paths written.
+    """
     written: list[Path] = []
     try:
-        write_label_png(targets[0], labels, len(classes))
-        written.append(targets[0])
-        write_rgb_png(targets[1], shown)
-        written.append(targets[1])
-        write_json(targets[2], summary)
-        written.append(targets[2])
+        for path, write in outputs:
+            write(path)  # atomic on its own: a temporary file renamed into place
+            written.append(path)
     except BaseException:
-        # each file is atomic on its own; remove the finished ones so the image's outputs
-        # are all there or all absent
+        # remove the finished ones so the image's outputs are all there or all absent
         for path in written:
             path.unlink(missing_ok=True)
         raise
+    return written
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse an --output that cannot become a folder, before the (slow) model build; the
+    folder itself is created only after it."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"cannot create output directory {output_dir}: a file of that name "
+                          "exists; choose another --output")
+    existing = next(folder for folder in (output_dir, *output_dir.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"cannot create output directory {output_dir}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create output directory {output_dir}: {existing} is not "
+                          "writable; choose another --output")
 
 
 def _run(args: argparse.Namespace) -> int:
-    # the vocabulary and the inputs are checked before the (slow) model build
+    # the vocabulary, the inputs, the prompts and the output path are checked before the
+    # (slow) model build, and the output folder is created only after it, so that a mistake
+    # leaves nothing behind
     vocabulary = _read_vocabulary(args)
     image_paths = list_images(args.input)
+    boxes, points = _prompts(args.boxes, 4), _prompts(args.points, 2)
     output_dir = Path(args.output).expanduser()
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        _print_error(f"cannot create output directory {output_dir}: {error.strerror or error}")
-        return EXIT_ERROR
+    _check_output_dir(output_dir)
 
     device = args.device if args.device is not None else _default_device()
     # --device first, so that an explicit model.device override still wins
     overrides = ["model.device", device, *args.opts_flag, *args.opts]
     cfg = ovseg.get_config(args.config_file, overrides)
     model = ovseg.build_model(cfg)
-    boxes, points = _prompts(args.boxes, 4), _prompts(args.points, 2)
     prompted = boxes is not None or points is not None
     if prompted and not callable(getattr(model, "classify_regions", None)):
         raise ConfigError(f"--boxes/--points need a method with region prompts (cloc); "
                           f"{cfg.model.name} has none")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _print_error(f"cannot create output directory {output_dir}: {error.strerror or error}")
+        return EXIT_ERROR
 
     stems = output_stems(image_paths)
     failures = 0
@@ -260,17 +272,20 @@ def _run(args: argparse.Namespace) -> int:
         list(zip(image_paths, stems, strict=True)),
         desc="segmenting",
         unit="image",
-        disable=None,
+        # a bar for several images, on a terminal only (None: off when stderr is no tty)
+        disable=None if len(image_paths) > 1 else True,
     )
     for image_path, stem in progress:
         try:
             image = read_image(image_path)
             if prompted:
                 labels, _ = model.classify_regions(image, vocabulary, boxes=boxes, points=points)
-                _write_regions(output_dir, stem, image, boxes, points, labels.tolist(),
-                               vocabulary.class_names)
-                continue
-            prediction = model.predict(image, vocabulary)
+                outputs = _region_outputs(output_dir, stem, image, boxes, points,
+                                          labels.tolist(), vocabulary.class_names)
+            else:
+                prediction = model.predict(image, vocabulary)
+                outputs = _segmentation_outputs(output_dir, stem, image_path, image,
+                                                prediction.labels, list(prediction.classes))
         except ImageReadError as error:
             failures += 1
             _print_error(str(error))  # the message names the file
@@ -280,9 +295,7 @@ def _run(args: argparse.Namespace) -> int:
             _print_error(f"{image_path}: {error}")
             continue
         try:
-            _write_outputs(
-                output_dir, stem, image_path, image, prediction.labels, list(prediction.classes)
-            )
+            written = _write_all(outputs)
         except OSError as error:
             # a full disk or a read-only folder fails every image alike: stop here
             progress.close()
@@ -291,6 +304,7 @@ def _run(args: argparse.Namespace) -> int:
                 f"{error.strerror or error}"
             )
             return EXIT_ERROR
+        tqdm.write(f"{image_path} -> {', '.join(str(path) for path in written)}", file=sys.stdout)
     progress.close()
     if failures:
         if len(image_paths) > 1:  # one image keeps its one-line error
@@ -308,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         # argparse exits on --help (0) and on usage errors (2, message already printed)
         return int(exit_request.code or 0)
     try:
-        return _run(args)
+        # the library's progress lines ("building the text classifier ...") on stderr
+        with library_log_lines():
+            return _run(args)
     except OvsegError as error:
         _print_error(str(error))
         return EXIT_ERROR

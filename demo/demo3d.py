@@ -5,7 +5,10 @@
 
 Writes ``<output>/<scene_id>_pred.ply``: the mesh vertices (no faces), each coloured by its
 predicted class (``ovseg.vis.palette`` of the ScanNet-20 names) and with the ushort property
-``label`` (the ScanNet-20 index). Nothing is written when the scene cannot be read.
+``label`` (the ScanNet-20 index), atomically (a temporary file renamed into place), and prints
+its path. Nothing is written, and no output folder created, when the scene, the config or the
+weights cannot be read. The library's progress lines ("building the text classifier ...") go to
+stderr.
 
 Exit status: 0 done; 2 a mistake (config, scene files, weights), reported as one ``error:``
 line; 130 interrupted.
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ovseg
+from ovseg.console import library_log_lines
 from ovseg.data.scannet import read_scene, write_ply_vertices
 from ovseg.errors import ConfigError, OvsegError
 from ovseg.vis import palette
@@ -53,22 +57,29 @@ def run(args: argparse.Namespace) -> Path:
     if cfg.model.name != "clip2scene":
         raise ConfigError(f"demo3d.py runs clip2scene configs; {args.config_file} has "
                           f"model.name {cfg.model.name!r}")
+    output_dir = Path(args.output).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output {output_dir} is a file; give a folder (created if needed)")
     scene_dir = Path(args.scene).expanduser()
     scene = read_scene(scene_dir.parent, scene_dir.name, frames=None, labels=False)
     model = ovseg.build_model(cfg)
     model.eval()
     labels = model.predict_scene(scene)
     colors = palette(model.class_names)[labels]
-    path = Path(args.output) / f"{scene.scene_id}_pred.ply"
+    path = output_dir / f"{scene.scene_id}_pred.ply"
     return write_ply_vertices(path, scene.points, colors, labels)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        path = run(args)
+        with library_log_lines():
+            path = run(args)
     except OvsegError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # writing the PLY: a read-only folder, ...
+        print(f"error: cannot write into {args.output}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -23,3 +23,8 @@ class ImageReadError(OvsegError, OSError):
 
 class DatasetError(OvsegError):
     """A benchmark is unknown, its files are missing or a label file holds invalid values."""
+
+
+class WriteError(OvsegError, OSError):
+    """An output cannot be written: no space left on the device, a read-only folder, a file
+    where a folder should be."""

@@ -3,8 +3,9 @@
 Atomic writes go to a temporary file in the destination's folder, which is flushed to disk and
 renamed over the destination only when the write succeeded, so readers (and a process that
 resumes after a crash) see the old file or the new one, never part of one, and a failed or
-interrupted write leaves no temporary file behind. State dicts are read with
-``torch.load(weights_only=True)`` or safetensors, never by unpickling code.
+interrupted write leaves no temporary file behind; a full disk is one ``WriteError`` line naming
+the file. State dicts are read with ``torch.load(weights_only=True)`` or safetensors, never by
+unpickling code; a file they cannot read is one ``WeightsError`` line saying why.
 
 The bottom layer of the package: it imports nothing of ovseg but ``ovseg.errors``, and torch
 only when a state dict is read.
@@ -13,16 +14,19 @@ only when a state dict is read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import logging
 import os
+import re
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ovseg.errors import WeightsError
+from ovseg.errors import WeightsError, WriteError
 
 if TYPE_CHECKING:
     import torch
@@ -33,9 +37,12 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "describe_mismatch",
+    "ensure_writable_dir",
     "load_state_dict_file",
+    "raise_if_disk_full",
     "sha256_bytes",
     "sha256_file",
+    "unreadable_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,9 +50,67 @@ logger = logging.getLogger(__name__)
 # checkpoints often wrap the state dict in one of these keys
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 _HASH_BLOCK = 1 << 20
+# errno values that mean "the device (or the user's quota) is full"
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 # --------------------------------------------------------------------------- atomic writes
+
+
+def raise_if_disk_full(path: str | os.PathLike[str], error: BaseException) -> None:
+    """Raise a one-line :class:`WriteError` naming ``path`` when ``error`` says the disk (or the
+    quota) is full; return otherwise, so the caller re-raises ``error`` as it is."""
+    if isinstance(error, OSError) and error.errno in _DISK_FULL:
+        raise WriteError(
+            f"no space left on device while writing {path}; free some space (or choose an "
+            "output folder on another disk) and run again"
+        ) from error
+
+
+def ensure_writable_dir(path: str | os.PathLike[str], what: str = "output_dir") -> Path:
+    """Create the folder ``path`` if needed and check that a file can be created in it.
+
+    The check creates and removes a probe file, because permission bits do not tell (root
+    writes into a read-only folder; a read-only mount refuses everyone). A folder this call
+    created is removed again when the check fails, so nothing is left behind.
+
+    Returns:
+        the folder.
+
+    Raises:
+        WriteError: one line naming the folder: it is a file, cannot be created, is not
+            writable, or its disk is full.
+    """
+    directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise WriteError(f"{what} {directory} is a file, not a folder; choose another {what}")
+    missing = [folder for folder in (directory, *directory.parents) if not folder.exists()]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WriteError(
+            f"cannot create {what} {directory}: {error.strerror or error}"
+        ) from error
+    probe = directory / f".ovseg-write-test-{uuid.uuid4().hex[:12]}"
+    try:
+        descriptor = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            os.write(descriptor, b"0")
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise_if_disk_full(directory, error)
+        raise WriteError(
+            f"{what} {directory} is not writable ({error.strerror or error}); choose another "
+            f"{what} or fix its permissions"
+        ) from error
+    probe.unlink()
+    return directory
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -81,6 +146,7 @@ def atomic_path(path: str | os.PathLike[str], mode: int | None = None) -> Iterat
         the temporary path; the block must create the file there.
 
     Raises:
+        WriteError: the disk (or quota) is full; one line naming ``path``.
         OSError: the block wrote no file, or creating, syncing or renaming it failed.
     """
     final = Path(path)
@@ -97,10 +163,11 @@ def atomic_path(path: str | os.PathLike[str], mode: int | None = None) -> Iterat
         if mode is not None:
             os.chmod(temporary, mode)
         os.replace(temporary, final)
-    except BaseException:
+    except BaseException as error:
         # BaseException too: Ctrl-C during a write must not leave the temporary file behind
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
+        raise_if_disk_full(final, error)
         raise
     _fsync_dir(final.parent)
 
@@ -189,8 +256,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     A dict wrapping the weights under ``state_dict``/``model``/``module`` is unwrapped.
 
     Raises:
-        WeightsError: the file is missing, unreadable (corrupt, truncated, a pickle with code
-            in it) or holds no dict of tensors.
+        WeightsError: one line: the file is missing, unreadable (empty, truncated, corrupt, a
+            pickle with code in it) or holds no dict of tensors.
     """
     import torch
 
@@ -208,7 +275,9 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         else:
             state = _torch_load(path)
     except Exception as exc:  # corrupt or truncated file, or a pickle with code in it
-        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+        raise WeightsError(
+            f"cannot read weights file {path}: {unreadable_reason(path, exc)}"
+        ) from exc
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -217,12 +286,41 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     return state
 
 
+def unreadable_reason(path: str | os.PathLike[str], error: BaseException) -> str:
+    """Why safetensors or ``torch.load(weights_only=True)`` could not read ``path``, in one
+    short line without torch's paragraphs of advice (the file is not trusted code)."""
+    path = Path(path)
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            return "the file is empty (0 bytes)"
+    text = str(error)
+    blocked = re.search(r"GLOBAL ([\w.]+)", text)
+    if blocked:
+        return (
+            f"it holds pickled code or objects other than tensors ({blocked.group(1).rstrip('.')}"
+            "), and weights are only read with torch.load(weights_only=True); if you trust "
+            "the file, load it yourself and save its state dict as .safetensors"
+        )
+    if "Weights only load failed" in text:
+        return ("it is a pickle that torch.load(weights_only=True) cannot read, not a state "
+                "dict saved with torch.save")
+    # torch and safetensors explain at length; their first sentence says what happened
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    first = first.split(". ")[0].strip().rstrip(".")[:200]
+    kind = "safetensors" if path.suffix == ".safetensors" else "torch"
+    detail = f" ({first})" if first and not first.isdigit() else ""
+    return f"it is truncated, damaged or not a {kind} weights file{detail}"
+
+
 def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``; OpenAI's CLIP files are TorchScript archives instead."""
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # the weights-only unpickler warns about the pickle protocol of plain pickles
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except RuntimeError as exc:
         if "TorchScript" not in str(exc):
             raise

@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ovseg.engine import checkpoint as checkpoint_module
 from ovseg.engine.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -180,20 +179,21 @@ def test_no_checkpoint_means_start_from_zero(tmp_path):
 def test_an_interrupted_save_leaves_the_last_checkpoint_intact(tmp_path, monkeypatch):
     model, optimizer, scheduler, checkpointer = make(tmp_path)
     checkpointer.save(1)
-    real_write = checkpoint_module.atomic_write_bytes
+    real_write = Path.write_bytes
 
     def dies_on_the_state_file(path, data):
-        if str(path).endswith(".state.pth"):
-            # what a kill leaves: part of a temporary file, then nothing more
-            Path(path).with_name(f".{Path(path).name}.tmp-1").write_bytes(data[:10])
+        if path.name.startswith(".model_0000002.state."):
+            # what a kill leaves: part of the temporary file, then nothing more
+            real_write(path, data[:10])
             raise KeyboardInterrupt
         return real_write(path, data)
 
-    monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", dies_on_the_state_file)
+    monkeypatch.setattr(Path, "write_bytes", dies_on_the_state_file)
     with pytest.raises(KeyboardInterrupt):
         checkpointer.save(2)
     monkeypatch.undo()
-    assert (tmp_path / "model_0000002.safetensors").exists()  # written, but has no manifest
+    # the weights are renamed into place only with the state file: nothing of model_0000002
+    assert sorted(p.name for p in tmp_path.iterdir() if "0000002" in p.name) == []
     assert checkpointer.last_checkpoint() == "model_0000001"
     assert checkpointer.all_checkpoints() == ["model_0000001"]
     assert checkpointer.find_resumable() == "model_0000001"

@@ -23,7 +23,7 @@ PACKAGE = "ovseg"
 
 # the layers, lowest first; a module may import from its own layer and the ones below it
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"errors", "io"}),
+    frozenset({"errors", "io", "console"}),
     frozenset({"layers", "config", "vis", "data", "text"}),
     frozenset({"encoders", "evaluation"}),
     frozenset({"methods", "modeling"}),

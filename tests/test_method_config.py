@@ -21,7 +21,8 @@ TRIDENT_TINY = "tiny/trident_tiny.yaml"
 
 
 def model_sections(cfg) -> set[str]:
-    return {key for key in cfg.model if key not in ("name", "device", "weights", "precision")}
+    common = ("name", "device", "weights", "precision", "max_image_pixels")
+    return {key for key in cfg.model if key not in common}
 
 
 def test_each_method_config_holds_exactly_its_sections(tmp_path):
@@ -99,7 +100,8 @@ def test_unknown_method_and_late_method_change_are_errors():
 def test_trident_saved_config_has_only_what_it_reads(tmp_path):
     cfg = ovseg.get_config(TRIDENT_TINY)
     saved = yaml.safe_load(save_config(cfg, tmp_path / "config.yaml").read_text())
-    assert set(saved["model"]) == {"name", "device", "weights", "precision", "clip", "dino", "sam",
+    assert set(saved["model"]) == {"name", "device", "weights", "precision", "max_image_pixels",
+                                   "clip", "dino", "sam",
                                    "inference", "trident", "refine"}
     assert "crop" not in saved["model"]["trident"]  # one name per concept: model.inference.crop
     assert ovseg.get_config(tmp_path / "config.yaml") == cfg

@@ -432,3 +432,20 @@ def test_text_package_does_not_import_model_libraries() -> None:
             else:
                 continue
             assert not {m.split(".")[0] for m in modules} & forbidden, source
+
+
+def test_building_a_classifier_is_logged_a_cache_hit_is_not(tmp_path: Path, caplog) -> None:
+    # the demos and applications show these lines: 80 templates take a minute on a CPU
+    names, templates = ["sky", "cat", "dog"], get_templates("openai_imagenet")
+    with caplog.at_level("INFO", logger="ovseg.text.classifier"):
+        build_text_classifier(FakeTextEncoder(), names, templates, model_id="fake",
+                              cache_dir=tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ovseg.text.classifier"]
+    assert lines[0] == (f"building the text classifier: 3 names x {len(templates)} prompt "
+                        f"templates = {3 * len(templates)} prompts; cached for the next run")
+    assert lines[1].startswith("built the text classifier in ") and lines[1].endswith(" s")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ovseg.text.classifier"):
+        build_text_classifier(FakeTextEncoder(), names, templates, model_id="fake",
+                              cache_dir=tmp_path)
+    assert [r for r in caplog.records if r.name == "ovseg.text.classifier"] == []

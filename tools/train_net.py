@@ -13,7 +13,8 @@ Trailing ``KEY VALUE`` pairs override config keys. Everything goes to ``output_d
 Under ``torchrun`` the process group comes from its environment variables instead.
 
 Exit status: 0 done; 2 a mistake that stops the run (config, data, weights, a training-free
-method, a NaN loss), reported as one ``error:`` line; 130 interrupted.
+method, a NaN loss, an output_dir that cannot be written, a full disk), reported as one
+``error:`` line; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,10 +33,12 @@ from tqdm import tqdm
 
 import ovseg
 from ovseg.config import save_config
+from ovseg.console import TqdmHandler
 from ovseg.engine import comm
 from ovseg.engine.launch import launch
 from ovseg.engine.run_lock import hold_output_dir
 from ovseg.errors import ConfigError, OvsegError
+from ovseg.io import ensure_writable_dir
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -52,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-file", required=True, metavar="FILE", help="config YAML")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last good checkpoint in output_dir (with "
-                        "--eval-only: evaluate its weights)")
+                        "--eval-only: evaluate its weights and continue an interrupted evaluation)")
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate on datasets.test without training")
     parser.add_argument("--save-predictions", action="store_true",
@@ -73,14 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _TqdmHandler(logging.StreamHandler):
-    """Log lines written through tqdm, so a running progress bar stays intact."""
+class _LogFile(logging.FileHandler):
+    """``log.txt``; when a line cannot be written (a full disk) one warning line says so and the
+    log goes on on the console only, instead of logging's traceback for every record."""
+
+    failed = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        reason = getattr(error, "strerror", None) or error
+        tqdm.write(f"warning: cannot write {self.baseFilename} ({reason}); the log goes on on "
+                   "the console only", file=sys.stderr)
 
 
 def setup_logging(output_dir: str | Path) -> None:
@@ -89,16 +103,19 @@ def setup_logging(output_dir: str | Path) -> None:
     for handler in list(package_logger.handlers):
         package_logger.removeHandler(handler)
         handler.close()
+    # tqdm's default lock holds a multiprocessing semaphore that a killed process leaks (a
+    # resource_tracker warning after the launcher's error line); one process draws the bars
+    tqdm.set_lock(threading.RLock())
     rank = comm.get_rank()
     prefix = f"[rank {rank}] " if comm.get_world_size() > 1 else ""
     formatter = logging.Formatter(f"[%(asctime)s] {prefix}%(message)s", "%m/%d %H:%M:%S")
-    console = _TqdmHandler()
+    console = TqdmHandler()  # through tqdm: a running progress bar stays intact
     console.setFormatter(formatter)
     package_logger.addHandler(console)
     if rank == 0:
         package_logger.setLevel(logging.INFO)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        log_file = logging.FileHandler(Path(output_dir) / "log.txt", encoding="utf-8")
+        log_file = _LogFile(Path(output_dir) / "log.txt", encoding="utf-8")
         log_file.setFormatter(formatter)
         package_logger.addHandler(log_file)
     else:
@@ -122,12 +139,14 @@ def _weights_spec(cfg) -> str:
     return str(cfg.model.weights or "")
 
 
-def evaluate(model, cfg, output_dir: str | Path):
-    """Evaluate ``model`` on ``cfg.datasets.test`` (collective; results on rank 0)."""
+def evaluate(model, cfg, output_dir: str | Path, **options):
+    """Evaluate ``model`` on ``cfg.datasets.test`` (collective; results on rank 0);
+    ``options``: ``evaluate_model``'s (resume, and the checkpoint or training iteration of the
+    weights, which results.json records)."""
     from ovseg.engine.evaluate import evaluate_model
 
     model.eval()
-    return evaluate_model(model, cfg, str(output_dir))
+    return evaluate_model(model, cfg, str(output_dir), **options)
 
 
 def main_worker(args: argparse.Namespace) -> None:
@@ -154,14 +173,17 @@ def main_worker(args: argparse.Namespace) -> None:
         checkpointer = Checkpointer(model, output_dir,
                                     include_frozen=cfg.solver.checkpoint_frozen)
         name = checkpointer.find_resumable() if args.resume else None
+        checkpoint = None
         if name is not None:
             checkpointer.load(name, model_only=True)
+            checkpoint = checkpointer.paths(name)["model"]
         elif weights:
             logger.info("evaluating with model.weights %s", weights)  # build_model loaded them
         elif callable(getattr(model, "loss", None)):
             logger.warning("evaluating %s with untrained weights: pass --resume (the last "
                            "checkpoint of output_dir) or model.weights", cfg.model.name)
-        evaluate(model, cfg, output_dir)
+        # --resume also continues an interrupted evaluation (its saved state, if it fits)
+        evaluate(model, cfg, output_dir, resume=args.resume, checkpoint=checkpoint)
         return
 
     check_trainable(model, cfg.model.name)
@@ -172,7 +194,8 @@ def main_worker(args: argparse.Namespace) -> None:
     )
 
     def periodic_evaluation(iteration: int):
-        return evaluate(model, cfg, output_dir / "eval" / f"iter_{iteration:07d}")
+        return evaluate(model, cfg, output_dir / "eval" / f"iter_{iteration:07d}",
+                        iteration=iteration)
 
     trainer.register_hooks(
         default_hooks(cfg, checkpointer, periodic_evaluation if cfg.datasets.test else None)
@@ -186,7 +209,7 @@ def main_worker(args: argparse.Namespace) -> None:
     else:
         trainer.train(start_iter, cfg.solver.max_iter)
     if cfg.datasets.test:
-        evaluate(model, cfg, output_dir)
+        evaluate(model, cfg, output_dir, iteration=max(start_iter, cfg.solver.max_iter))
 
 
 def _one_line(text: str) -> str:
@@ -230,18 +253,32 @@ def check_output_dir(args: argparse.Namespace, cfg) -> None:
         )
 
 
+def _cpu_process_memory(args: argparse.Namespace, cfg) -> tuple[int, str] | None:
+    """What one CPU process needs, when several are about to start (else None: no check)."""
+    if args.num_gpus <= 1 or torch.cuda.is_available():
+        return None
+    from ovseg.engine.resources import process_memory_bytes
+
+    return process_memory_bytes(cfg)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         # read the config here too: a mistake in it is reported before any process starts
         cfg = load_config(args)
         check_output_dir(args, cfg)
+        if args.machine_rank == 0:
+            # a read-only output_dir, or a file in its place, is one line before any process
+            # starts (root passes permission bits, so a probe file is written)
+            ensure_writable_dir(cfg.output_dir)
         # one live run per output_dir (machine 0 holds it for a multi-machine job)
         holding = hold_output_dir(cfg.output_dir) if args.machine_rank == 0 else nullcontext()
         with holding:
             launch(main_worker, args.num_gpus, num_machines=args.num_machines,
                    machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
-                   job="evaluation" if args.eval_only else "training")
+                   job="evaluation" if args.eval_only else "training",
+                   memory_per_process=_cpu_process_memory(args, cfg))
     except OvsegError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR

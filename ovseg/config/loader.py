@@ -150,15 +150,34 @@ def _find_config(path_or_name: str | os.PathLike[str]) -> Path:
     )
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: where, then what (PyYAML's own text spans several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(error).split())
+    context = getattr(error, "context", None)
+    context = f" ({context})" if context else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}{context}"
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as e:
-        raise ConfigError(f"{_display(path)}: cannot read: {e}") from e
+        raise ConfigError(f"{_display(path)}: cannot read: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{_display(path)}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+            "save the config as UTF-8"
+        ) from None
     try:
         data = _yaml_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{_display(path)}: invalid YAML: {e}") from e
+        raise ConfigError(f"{_display(path)}: invalid YAML at {_yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -369,6 +388,19 @@ def _method_name(
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def config_method_name(path_or_name: str | os.PathLike[str]) -> str | None:
+    """``model.name`` as a config file and its ``_base_`` files set it, without building the
+    typed config (about 0.1 s a file; listing every shipped config wants it cheap); None for a
+    partial file (a base) that sets no method."""
+    files: dict[Path, dict[str, Any]] = {}
+    _collect_files(_find_config(path_or_name).resolve(), [], files)
+    if not any(isinstance(data.get("model"), Mapping) and "name" in data["model"]
+               for data in files.values()):
+        return None
+    return _method_name(files, ())
+
 
 
 def get_config(

@@ -25,12 +25,22 @@ class Method:
     reads: the shared sections of ``cfg.model`` it reads (``clip``, ``dino``, ``sam``,
         ``inference``), each under its one name.
     extra: more sections the method owns, name -> dataclass (dense_clip: ``pamr``).
+    encoders: ``encoders(cfg) -> names`` of the encoder sections (``clip``, ``dino``, ``sam``)
+        a build of ``cfg`` holds, where that depends on settings (dense_clip: DINO only as
+        ProxyCLIP's proxy); None = every encoder section it reads.
     """
 
     build: Callable[[Any], Any]
     settings: type | None = None
     reads: tuple[str, ...] = ()
     extra: Mapping[str, type] = field(default_factory=dict)
+    encoders: Callable[[Any], tuple[str, ...]] | None = None
+
+    def built_encoders(self, cfg: Any) -> tuple[str, ...]:
+        """The encoder sections of ``cfg.model`` that a build of ``cfg`` holds."""
+        if self.encoders is not None:
+            return tuple(self.encoders(cfg))
+        return tuple(key for key in self.reads if key in ("clip", "dino", "sam"))
 
     def sections(self, name: str) -> dict[str, type]:
         """Every section of ``cfg.model`` the method ``name`` reads, in config order."""

@@ -40,8 +40,23 @@ def check_inference(section: Any, prefix: str = "model.inference") -> None:
         _fail(f"{prefix}.pad_multiple", section.pad_multiple, "0 (no padding) or positive")
 
 
+def check_evaluation(section: Any, prefix: str = "evaluation") -> None:
+    """``evaluation``: how often the resumable state is saved."""
+    if section.checkpoint_every < 0:
+        _fail(f"{prefix}.checkpoint_every", section.checkpoint_every,
+              "0 (never save the evaluation state) or a positive number of images")
+
+
 def check_ranges(cfg: Any) -> None:
     """Every range check that applies to a loaded config (its sections as the method has
     them)."""
+    if "evaluation" in cfg:
+        check_evaluation(cfg.evaluation)
     if "inference" in cfg.model:
         check_inference(cfg.model.inference)
+    if cfg.model.max_image_pixels < 0:
+        _fail("model.max_image_pixels", cfg.model.max_image_pixels,
+              "0 (no limit) or a positive number of pixels")
+    if "solver" in cfg and cfg.solver.lr_step_every < 1:
+        _fail("solver.lr_step_every", cfg.solver.lr_step_every,
+              "at least 1 iteration (1 = the schedule moves every iteration)")

@@ -79,6 +79,9 @@ class ModelConfig:
     # fp32 | fp16 | bf16: dtype of the frozen image encoders (CLIP's image tower, DINO, SAM's
     # image encoder); CLIP's text tower and SAM's prompt encoder and mask decoder stay fp32
     precision: str = "fp32"
+    # 2D methods refuse larger inputs with one line (0 = no limit); the default is PIL's
+    # decompression-bomb limit (ovseg.data.image_io.DEFAULT_MAX_IMAGE_PIXELS, ~179 MP)
+    max_image_pixels: int = 178_956_970
 
 
 # the sections of cfg.model that several methods read, under one name each
@@ -125,6 +128,9 @@ class DatasetsConfig:
 class EvaluationConfig:
     absent_classes: str = "zero"  # zero (mmseg, detectron2 v0.6) | exclude (detectron2 main)
     save_predictions: bool = False
+    # images per process between saves of the resumable evaluation state (--eval-only
+    # --resume continues an interrupted evaluation from it); 0 = never save
+    checkpoint_every: int = 50
 
 
 @dataclass

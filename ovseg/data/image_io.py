@@ -31,6 +31,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", 
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
+# the largest image predict takes by default (model.max_image_pixels): PIL's own
+# decompression-bomb limit, so that a file and the same image as an array meet one rule
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+
 
 def _reason(error: BaseException) -> str:
     """A short, path-free description of why PIL could not read a file."""
@@ -111,28 +115,53 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise ImageReadError(f"cannot read image {path}: {_reason(error)}") from error
 
 
-def as_rgb_image(image, who: str = "predict") -> np.ndarray:
+def as_rgb_image(
+    image, who: str = "predict", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """What every method's ``encode``/``predict`` accepts, as an (H, W, 3) uint8 RGB array.
 
     Accepted and converted:
-    - an (H, W, 3) uint8 numpy array: returned as it is (RGB order assumed);
+    - an (H, W, 3) uint8 numpy array: returned as it is (RGB order assumed), or a C-contiguous
+      copy when it is a strided view (``image[:, ::-1]``, a crop);
     - (H, W) or (H, W, 1) uint8 gray: repeated into three channels;
     - (H, W, 4) uint8 RGBA: alpha dropped (the stored colours are the scene);
     - (3, H, W) / (4, H, W) / (1, H, W) uint8 channel-first arrays: moved to channel-last;
-    - a torch tensor of any of those shapes (uint8): taken to the CPU as numpy;
-    - a PIL image: converted to RGB (:func:`read_image`'s conversions);
-    - a path (str or os.PathLike): read with :func:`read_image`.
+    - bool arrays of those shapes: False -> 0, True -> 255, as PIL reads a bilevel image;
+    - a torch tensor of any of those shapes (uint8 or bool): taken to the CPU as numpy;
+    - a PIL image of any mode: converted to RGB (:func:`read_image`'s conversions);
+    - a path (str or os.PathLike): read with :func:`read_image` (a missing file, a folder or
+      a file that is no image: ``ImageReadError``, an ``OSError``, naming the file).
 
     Refused with one ``ValueError`` line naming ``who``: float images (convert them yourself:
     ``np.rint(image * 255).astype(np.uint8)`` for [0, 1] data; the range of a float image cannot
     be told from its values), NaN/Inf, other integer types (e.g. 16-bit), empty images and any
-    other shape or type.
+    other shape or type; images of more than ``max_pixels`` pixels (0 = no limit), with the
+    key that raises the limit.
     """
+    return _as_rgb(image, who, max_pixels)
+
+
+def _check_size(height: int, width: int, who: str, max_pixels: int) -> None:
+    """Refuse more than ``max_pixels`` before any conversion allocates an image's size."""
+    if max_pixels and height * width > max_pixels:
+        raise ValueError(
+            f"{who} got a {height}x{width} image ({height * width / 1e6:.0f} megapixels), more "
+            f"than model.max_image_pixels ({max_pixels / 1e6:.0f} megapixels); downscale it or "
+            "raise model.max_image_pixels (0 = no limit)"
+        )
+
+
+def _as_rgb(image, who: str, max_pixels: int) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
-        return read_image(image)
+        image = read_image(image)  # PIL refuses a decompression bomb before decoding it
+        _check_size(*image.shape[:2], who, max_pixels)
+        return image
     if isinstance(image, Image.Image):
-        return _to_rgb(ImageOps.exif_transpose(image) or image)
+        _check_size(image.height, image.width, who, max_pixels)
+        return _check_not_empty(_pil_to_rgb(image, who), f"{who} got a PIL {image.mode} image")
     if type(image).__module__.startswith("torch"):
+        if image.is_floating_point():
+            image = image.float()  # numpy has no bfloat16: refused below as any float image
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
         raise ValueError(f"{who} expects an (H, W, 3) uint8 RGB image (numpy array, torch "
@@ -142,6 +171,8 @@ def as_rgb_image(image, who: str = "predict") -> np.ndarray:
         bad = "NaN/Inf values; " if not np.isfinite(image).all() else ""
         raise ValueError(f"{where}: {bad}float images are not accepted, give uint8 0-255 RGB "
                          "(e.g. np.rint(image * 255).astype(np.uint8) for [0, 1] data)")
+    if image.dtype == np.bool_:
+        image = image.astype(np.uint8) * np.uint8(255)
     if image.dtype != np.uint8:
         raise ValueError(f"{where}: give uint8 0-255 RGB (16-bit and other integer images "
                          "have no single 8-bit reading; convert them first)")
@@ -149,6 +180,8 @@ def as_rgb_image(image, who: str = "predict") -> np.ndarray:
         image = np.moveaxis(image, 0, -1)  # channel-first
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
+    if image.ndim in (2, 3):
+        _check_size(image.shape[0], image.shape[1], who, max_pixels)
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     elif image.ndim == 3 and image.shape[2] == 4:
@@ -156,9 +189,21 @@ def as_rgb_image(image, who: str = "predict") -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"{where}: expected (H, W, 3) RGB, (H, W) gray, (H, W, 4) RGBA or "
                          "(3, H, W)")
+    return _check_not_empty(np.ascontiguousarray(image), where)
+
+
+def _pil_to_rgb(image: Image.Image, who: str) -> np.ndarray:
+    try:
+        return _to_rgb(ImageOps.exif_transpose(image) or image)
+    except Exception as error:  # a mode PIL cannot convert to RGB (e.g. "La")
+        raise ValueError(f"{who} got a PIL {image.mode} image of size {image.size}: "
+                         f"{_reason(error)}; convert it to RGB first") from error
+
+
+def _check_not_empty(image: np.ndarray, where: str) -> np.ndarray:
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"{where}: the image is empty")
-    return np.ascontiguousarray(image)
+    return image
 
 
 def _is_image_file(path: Path) -> bool:

@@ -48,8 +48,12 @@ def _read_with_cv2(path: Path) -> np.ndarray | None:
 
 def _read_stored(path: Path) -> np.ndarray:
     """The stored values of a label file, (H, W), in its own integer dtype."""
+    if path.is_dir():
+        raise DatasetError(f"label file {path} is a folder, not a file")
     if not path.is_file():
         raise DatasetError(f"label file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"label file {path} is empty (0 bytes); write it again")
     try:
         array = _read_with_pil(path)
     except DatasetError:

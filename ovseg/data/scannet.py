@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,10 +319,15 @@ def _read_matrix(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise DatasetError(f"{what} file {path} does not exist")
     try:
-        matrix = np.loadtxt(path, dtype=np.float64, ndmin=2)
+        with warnings.catch_warnings():
+            # an empty file is reported below, not as numpy's warning
+            warnings.filterwarnings("ignore", message="loadtxt: input contained no data")
+            matrix = np.loadtxt(path, dtype=np.float64, ndmin=2)
     except ValueError as error:
         reason = " ".join(str(error).split())
         raise DatasetError(f"{what} file {path} is not a matrix of numbers: {reason}") from None
+    if matrix.size == 0:
+        raise DatasetError(f"{what} file {path} is empty; expected a 4x4 matrix")
     if matrix.shape == (3, 3) and what.startswith("intrinsics"):
         padded = np.eye(4)
         padded[:3, :3] = matrix
@@ -329,10 +335,11 @@ def _read_matrix(path: Path, what: str) -> np.ndarray:
     if matrix.shape != (4, 4):
         raise DatasetError(f"{what} file {path} holds a {matrix.shape} matrix; expected 4x4")
     if not np.isfinite(matrix).all():
-        raise DatasetError(
-            f"{what} file {path} holds NaN or infinite values (a frame whose tracking was "
-            "lost); leave the frame out or export again skipping invalid poses"
+        hint = (
+            " (a frame whose tracking was lost); leave the frame out or export again skipping "
+            "invalid poses" if what == "pose" else "; export the scene's frames again"
         )
+        raise DatasetError(f"{what} file {path} holds NaN or infinite values{hint}")
     return matrix
 
 
@@ -560,8 +567,9 @@ def read_scene(
 
     Raises:
         DatasetError (one line naming the file): a missing mesh or frame file, a labels mesh
-            without ``label`` or with another vertex count, a pose with NaN/Inf, a depth
-            frame of the wrong size or type, an unknown layout.
+            without ``label``, with another vertex count or ids outside NYU40's 0..40, a pose
+            or intrinsics with NaN/Inf, a depth frame of the wrong size or type, an
+            unreadable colour frame, an unknown layout.
     """
     scene_dir = Path(root) / scene_id
     mesh_path = scene_dir / f"{scene_id}{MESH_SUFFIX}"
@@ -579,6 +587,13 @@ def read_scene(
                 "have no labels: read them with labels=False)"
             )
         nyu40 = read_mesh_labels(labels_path)
+        unknown = np.unique(nyu40[(nyu40 < 0) | (nyu40 >= NUM_NYU40_IDS)])
+        if len(unknown):
+            listed = ", ".join(str(v) for v in unknown[:8])
+            raise DatasetError(
+                f"labelled mesh {labels_path} holds label(s) {listed} outside the NYU40 ids "
+                f"0..{NUM_NYU40_IDS - 1}; is it a ScanNet v2 _vh_clean_2.labels.ply?"
+            )
         if len(nyu40) != len(points):
             raise DatasetError(
                 f"labelled mesh {labels_path} has {len(nyu40)} vertices but {mesh_path} has "

@@ -32,7 +32,8 @@ from ovseg.errors import ConfigError
 from ovseg.layers.attention import scaled_softmax
 
 # OpenAI checkpoints carry these scalars beside the weights; open_clip's models have no such keys
-_OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+_OPENAI_METADATA_KEYS = OPENAI_METADATA_KEYS
 TINY_CLIP = "ovseg-tiny-ViT-16"  # 3 layers, width 128, patch 16: the fixture's architecture
 _MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 # OpenAI CLIP's normalisation on the 0-255 scale, as mmseg-style pipelines apply it
@@ -268,11 +269,30 @@ def _quiet_root_logger():
         logging.disable(previous)
 
 
-def _register_tiny_configs() -> None:
+def register_tiny_configs() -> None:
     import open_clip
 
     if TINY_CLIP not in open_clip.list_models():
         open_clip.add_model_config(_MODEL_CONFIGS)
+
+
+def clip_state_template(arch: str) -> dict[str, torch.Tensor]:
+    """The state dict of the open_clip model ``arch`` (or ``ovseg-tiny-ViT-16``) on the meta
+    device: the keys and shapes a CLIP weights file must have (OpenAI's names for OpenAI-style
+    ViTs), without allocating or initialising the model.
+
+    Raises:
+        WeightsError: ``arch`` is not an open_clip model name.
+    """
+    import open_clip
+
+    register_tiny_configs()
+    if arch not in open_clip.list_models():
+        raise WeightsError(f"unknown CLIP architecture {arch!r}; use an open_clip model name "
+                           f"(e.g. ViT-B-16, ViT-L-14) or {TINY_CLIP!r}")
+    with torch.device("meta"), _quiet_root_logger():
+        model = open_clip.create_model(arch, pretrained=None, device="meta")
+    return model.state_dict()
 
 
 def build_clip(section, device: str | torch.device = "cpu") -> ClipEncoder:
@@ -301,7 +321,7 @@ def build_clip(section, device: str | torch.device = "cpu") -> ClipEncoder:
         import open_clip
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise ImportError("ovseg needs open_clip_torch: pip install open_clip_torch") from exc
-    _register_tiny_configs()
+    register_tiny_configs()
     spec = parse_weights_spec(weights)
     if arch.startswith("hf-hub:"):
         spec = parse_weights_spec(arch)

@@ -9,16 +9,19 @@ A checkpoint of iteration ``i`` in the output directory is three files:
   CUDA) of every process - readable with ``torch.load(weights_only=True)``;
 - ``model_{i:07d}.json``: the manifest, with the size and sha256 of the two files.
 
-Each file is written to a temporary file in the same directory and renamed over its final
-name, the manifest last, then the ``last_checkpoint`` pointer (a text file with the
-checkpoint's name, also renamed into place). A process killed at any point leaves the last
-complete checkpoint and the pointer to it intact. A checkpoint whose files do not match its
-manifest (truncated, overwritten) is reported as corrupt; resuming then falls back to the
-newest checkpoint that verifies, with a warning naming both.
+Both data files are written to temporary files in the same directory and renamed over their
+final names only when both are complete; then the manifest, then the ``last_checkpoint``
+pointer (a text file with the checkpoint's name, also renamed into place). A process killed at
+any point leaves the last complete checkpoint and the pointer to it intact; a save that fails
+(a full disk: one ``WriteError`` line naming the file) removes what it wrote of the new
+checkpoint, so no data file is left without its manifest. A checkpoint whose files do not
+match its manifest (truncated, overwritten) is reported as corrupt; resuming then falls back to
+the newest checkpoint that verifies, with a warning naming both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -36,11 +39,13 @@ from torch import nn
 from ovseg.engine import comm
 from ovseg.errors import OvsegError
 from ovseg.io import (
+    atomic_path,
     atomic_write_bytes,
     describe_mismatch,
     load_state_dict_file,
     sha256_bytes,
     sha256_file,
+    unreadable_reason,
 )
 
 logger = logging.getLogger(__name__)
@@ -244,6 +249,10 @@ class Checkpointer:
 
         Returns:
             the manifest path on rank 0, None on the other ranks.
+
+        Raises:
+            WriteError: the disk is full (one line naming the file); the new checkpoint's
+                files are removed, the previous checkpoint stays the last one.
         """
         rng_states = comm.all_gather_objects(rng_state())
         if not comm.is_main_process():
@@ -263,9 +272,6 @@ class Checkpointer:
             **extra,
         }
         state_bytes = _serialize_torch(state)
-        # the manifest goes last: a checkpoint without one is incomplete, whatever else exists
-        atomic_write_bytes(paths["model"], model_bytes)
-        atomic_write_bytes(paths["state"], state_bytes)
         manifest = {
             "format": CHECKPOINT_FORMAT,
             "iteration": int(iteration),
@@ -274,8 +280,24 @@ class Checkpointer:
                 for key, data in (("model", model_bytes), ("state", state_bytes))
             },
         }
-        atomic_write_bytes(paths["manifest"], (json.dumps(manifest, indent=1) + "\n").encode())
-        atomic_write_bytes(self.save_dir / POINTER_FILE, f"{name}\n".encode())
+        try:
+            # both data files are complete before either is renamed into place; the manifest
+            # goes after them (a checkpoint without one is incomplete), the pointer last. Each
+            # file is written inside its own block, so a full disk names the right file.
+            with atomic_path(paths["model"]) as model_temporary:
+                model_temporary.write_bytes(model_bytes)
+                with atomic_path(paths["state"]) as state_temporary:
+                    state_temporary.write_bytes(state_bytes)
+            atomic_write_bytes(paths["manifest"],
+                               (json.dumps(manifest, indent=1) + "\n").encode())
+            atomic_write_bytes(self.save_dir / POINTER_FILE, f"{name}\n".encode())
+        except BaseException:
+            # the pointer still names the previous checkpoint: remove every file of this one
+            # (manifest first, so a half-removed checkpoint never passes as complete)
+            for key in ("manifest", "model", "state"):
+                with contextlib.suppress(OSError):
+                    paths[key].unlink(missing_ok=True)
+            raise
         logger.info("saved checkpoint %s", paths["model"])
         self._remove_old(keep=name)
         return paths["manifest"]
@@ -396,7 +418,9 @@ class Checkpointer:
         try:
             state = torch.load(paths["state"], map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"cannot read {paths['state']}: {exc}") from exc
+            raise CheckpointError(
+                f"cannot read {paths['state']}: {unreadable_reason(paths['state'], exc)}"
+            ) from exc
         for key, obj in self.checkpointables.items():
             if key not in state:
                 raise CheckpointError(f"{paths['state']} has no '{key}' state to restore")
@@ -458,7 +482,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+        raise CheckpointError(f"cannot read {path}: {unreadable_reason(path, exc)}") from exc
 
 
 def load_trained_weights(

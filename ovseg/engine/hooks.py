@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ovseg.engine import comm
 from ovseg.engine.checkpoint import Checkpointer, rng_state, set_rng_state
 from ovseg.engine.trainer import TrainingError
-from ovseg.io import atomic_write_bytes
+from ovseg.io import atomic_write_bytes, raise_if_disk_full
 
 if TYPE_CHECKING:
     from ovseg.engine.trainer import Trainer
@@ -67,9 +67,13 @@ def _is_due(iteration: int, period: int, max_iter: int) -> bool:
 
 
 def append_metrics(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
-    """Append one JSON line to ``path`` (the caller is rank 0)."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(dict(record), sort_keys=False) + "\n")
+    """Append one JSON line to ``path`` (the caller is rank 0); a full disk is a WriteError."""
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(dict(record), sort_keys=False) + "\n")
+    except OSError as error:
+        raise_if_disk_full(path, error)
+        raise
 
 
 def drop_metrics_after(path: str | os.PathLike[str], iteration: int) -> int:

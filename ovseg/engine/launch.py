@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ovseg.engine import comm
+from ovseg.engine.resources import available_memory_bytes
 from ovseg.errors import OvsegError
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def launch(
     args: Sequence[Any] = (),
     timeout: timedelta = DEFAULT_TIMEOUT,
     job: str = "training",
+    memory_per_process: tuple[int, str] | None = None,
 ) -> Any:
     """Run ``main_func(*args)`` in every process of a (possibly multi-machine) job.
 
@@ -91,6 +93,9 @@ def launch(
         args: positional arguments of ``main_func`` (picklable when processes are spawned).
         timeout: how long collectives wait for a missing process before failing.
         job: what the processes do ("training", "evaluation"), for the message when one dies.
+        memory_per_process: (bytes, what they are) one CPU process needs at least
+            (:func:`ovseg.engine.resources.process_memory_bytes`); N processes that need more
+            than the machine has available are refused before any starts.
 
     Returns:
         ``main_func``'s return value when it ran in this process, else None.
@@ -129,6 +134,8 @@ def launch(
             f"processes, but it has {cores} cores: use at most --num-gpus {cores} (or set "
             f"{OVERSUBSCRIBE_VARIABLE}=1 to run them anyway)"
         )
+    if backend != "nccl" and memory_per_process is not None and not oversubscribe:
+        _check_memory(processes, *memory_per_process)
     if dist_url == "auto":
         if num_machines > 1:
             raise LaunchError(
@@ -164,6 +171,21 @@ def launch(
             raise error from None
         raise
     return None
+
+
+def _check_memory(processes: int, need: int, what: str) -> None:
+    """Refuse N CPU processes whose model copies need more memory than is available."""
+    available = available_memory_bytes()
+    if available is None or processes * need <= available:
+        return
+    fits = max(1, available // max(need, 1))
+    raise LaunchError(
+        f"--num-gpus {processes} on a machine without GPUs starts {processes} CPU processes, "
+        f"each with its own model (at least {need / 2**30:.1f} GiB: {what}), "
+        f"{processes * need / 2**30:.1f} GiB in all, but {available / 2**30:.1f} GiB of memory "
+        f"is available: use at most --num-gpus {fits} (or set {OVERSUBSCRIBE_VARIABLE}=1 to "
+        "run them anyway)"
+    )
 
 
 def _reported_error(errors) -> BaseException | None:

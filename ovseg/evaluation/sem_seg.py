@@ -170,6 +170,37 @@ class SemSegEvaluator:
         """Images processed by this process since the last ``reset``."""
         return self._num_images
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """What this process has accumulated, as numpy arrays (for ``np.savez``):
+        ``matrix`` (C, C) int64, ``num_images`` and ``saw_uint8_labels`` () int64."""
+        return {
+            "matrix": self.confusion_matrix,
+            "num_images": np.asarray(self._num_images, dtype=np.int64),
+            "saw_uint8_labels": np.asarray(int(self._saw_uint8_labels), dtype=np.int64),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace everything accumulated by ``state`` (a ``state_dict()``), e.g. to resume an
+        interrupted evaluation: processing the remaining images then gives the same matrix,
+        bit for bit, as processing all of them in one go.
+
+        Raises:
+            EvaluationError: the matrix is not (C, C) integer with non-negative counts.
+        """
+        matrix = np.asarray(state["matrix"])
+        size = self.num_classes
+        if matrix.shape != (size, size) or not np.issubdtype(matrix.dtype, np.integer):
+            raise EvaluationError(
+                f"saved confusion matrix has shape {matrix.shape} and dtype {matrix.dtype}; "
+                f"expected ({size}, {size}) integer counts for {size} classes"
+            )
+        if matrix.size and int(matrix.min()) < 0:
+            raise EvaluationError("saved confusion matrix has negative counts")
+        self.reset()
+        self._matrix = matrix.astype(np.int64, copy=True)
+        self._num_images = int(state["num_images"])
+        self._saw_uint8_labels = bool(int(state["saw_uint8_labels"]))
+
     def process(self, prediction: ArrayLike, label: ArrayLike, source: str = "") -> None:
         """Add one image.
 

@@ -10,17 +10,22 @@ import torch
 import torch.nn.functional as F
 
 
-def rescale_size(h: int, w: int, short_side: int, max_long_side: int) -> tuple[int, int]:
+def rescale_size(
+    h: int, w: int, short_side: int, max_long_side: int, min_side: int = 1
+) -> tuple[int, int]:
     """Size of an image resized keeping its aspect ratio, as mmcv's ``rescale_size`` computes it.
 
     The factor is the largest one that keeps the short side at most ``short_side`` and the long
     side at most ``max_long_side``: ``min(max_long_side / max(h, w), short_side / min(h, w))``.
-    Each side becomes ``int(side * factor + 0.5)`` (round half up, as mmcv does).
+    Each side becomes ``int(side * factor + 0.5)`` (round half up, as mmcv does), and at least
+    ``min_side``: only an image far longer than wide (1x4000 with a 2048 bound: 1x2048) gets
+    there, and is then stretched across, because a ViT cannot take a side below its patch.
 
     Args:
         h, w: size of the input image in pixels (positive).
         short_side: target length of the short side (e.g. 336).
         max_long_side: bound on the long side (2048 in every reference config).
+        min_side: the smallest side returned (a method passes its patch size).
 
     Returns:
         (new_h, new_w).
@@ -33,7 +38,7 @@ def rescale_size(h: int, w: int, short_side: int, max_long_side: int) -> tuple[i
             "must be positive"
         )
     factor = min(max_long_side / max(h, w), short_side / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
+    return max(int(h * factor + 0.5), min_side), max(int(w * factor + 0.5), min_side)
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -73,13 +78,15 @@ def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(logits, size=target, mode="bilinear", align_corners=False)
 
 
-def check_image(image, who: str) -> np.ndarray:
+def check_image(image, who: str, max_pixels: int | None = None) -> np.ndarray:
     """``image`` as an (H, W, 3) uint8 RGB numpy array, converted from the accepted forms
     (gray, RGBA, channel-first, torch tensors, PIL images, paths), or a one-line ValueError
-    (floats, NaN/Inf, other types): :func:`ovseg.data.image_io.as_rgb_image`."""
-    from ovseg.data.image_io import as_rgb_image
+    (floats, NaN/Inf, other types, more than ``max_pixels`` pixels; None = the default limit):
+    :func:`ovseg.data.image_io.as_rgb_image`."""
+    from ovseg.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, as_rgb_image
 
-    return as_rgb_image(image, who)
+    limit = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    return as_rgb_image(image, who, limit)
 
 
 def image_tensor(

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 def longest_side_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     """Size of an image resized so its long side is ``long_side``, ratio kept, as SAM's
-    ``ResizeLongestSide.get_preprocess_shape`` rounds it (``int(side * scale + 0.5)``)."""
+    ``ResizeLongestSide.get_preprocess_shape`` rounds it (``int(side * scale + 0.5)``), each
+    side at least 1 (SAM's would give 0 for a 1x4000 strip, which no resize takes)."""
     scale = long_side / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
 
 
 def prompt_scale(source_size: tuple[int, int], frame: tuple[int, int]) -> tuple[float, float]:

@@ -8,7 +8,9 @@ depends on no model library; ``ovseg/encoders`` supplies the callable and the ``
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +32,10 @@ _TENSOR_KEY = "text_classifier"
 
 # directories already warned about as unwritable: one warning per directory per process
 _warned_dirs: set[str] = set()
+
+# INFO lines when a classifier is computed (not on a cache hit): a text encoder on a CPU takes
+# a minute for 80 templates, which the demos and applications show instead of seeming to hang
+logger = logging.getLogger(__name__)
 
 
 def text_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -83,6 +89,9 @@ def build_text_classifier(
 
     Returns:
         (N_names, D) float32 on the CPU, rows of unit L2 norm.
+
+    Logs (logger ``ovseg.text.classifier``, INFO) a line before and after computing one, so
+    that a caller can show the wait; a cache hit logs nothing.
     """
     names = list(names)
     templates = list(templates)
@@ -94,7 +103,15 @@ def build_text_classifier(
         if cached is not None:
             return cached
 
+    logger.info(
+        "building the text classifier: %d %s x %d prompt %s = %d prompts%s",
+        len(names), "name" if len(names) == 1 else "names",
+        len(templates), "template" if len(templates) == 1 else "templates",
+        len(names) * len(templates), "; cached for the next run" if use_cache else "",
+    )
+    start = time.perf_counter()
     classifier = _embed_names(encode_text, names, templates, batch_size)
+    logger.info("built the text classifier in %.1f s", time.perf_counter() - start)
     if use_cache:
         _write_cache(path, classifier, model_id, templates, names)
     return classifier

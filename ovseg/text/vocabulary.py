@@ -15,6 +15,7 @@ One set of rules, applied by every constructor (``Vocabulary(...)`` included):
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import warnings
@@ -58,6 +59,11 @@ def _clean_classes(
     seen: set[str] = set()
     cleaned: list[tuple[str, ...]] = []
     for raw_class, where in zip(classes, positions, strict=True):
+        if isinstance(raw_class, bytes | bytearray) or not isinstance(raw_class, str | Sequence):
+            raise VocabularyError(
+                f"{where} of the vocabulary is {type(raw_class).__name__} {raw_class!r}; a "
+                "class is a name or a list of synonyms"
+            )
         names = (raw_class,) if isinstance(raw_class, str) else tuple(raw_class)
         if not names:
             raise VocabularyError(f"{where} of the vocabulary has no names; give at least one")
@@ -138,6 +144,12 @@ def parse_vocabulary(text: str) -> Vocabulary:
     """
     if not text.strip():
         raise VocabularyError("the vocabulary is empty; give class names like 'cat, dog, sky'")
+    if not text.replace(_INLINE_CLASS_SEP, "").replace(_INLINE_SYNONYM_SEP, "").strip():
+        raise VocabularyError(
+            f"the vocabulary {text.strip()!r} has separators but no class names; give class "
+            f"names like 'cat, dog, sky' ('{_INLINE_CLASS_SEP}' between classes, "
+            f"'{_INLINE_SYNONYM_SEP}' between synonyms)"
+        )
     classes = [part.split(_INLINE_SYNONYM_SEP) for part in text.split(_INLINE_CLASS_SEP)]
     return Vocabulary(classes)
 
@@ -146,17 +158,32 @@ def read_vocabulary_file(path: str | os.PathLike[str]) -> Vocabulary:
     """Read a class file: one class per line, synonyms on a line separated by ``,`` or ``;``.
 
     Both the SCLIP/NACLIP syntax (``sky, wall``) and the ProxyCLIP syntax (``sky; wall``) are
-    read. Blank lines and lines starting with ``#`` are skipped.
+    read. Blank lines and lines starting with ``#`` are skipped. The file is UTF-8 (a
+    byte-order mark is skipped) or UTF-16 with a byte-order mark; anything else is one
+    ``VocabularyError`` naming the line of the first undecodable byte.
     """
     path = Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise VocabularyError(
             f"vocabulary file {path} does not exist; give a text file with one class per line"
         ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise VocabularyError(f"vocabulary file {path} cannot be read: {error}") from error
+    except OSError as error:
+        raise VocabularyError(
+            f"vocabulary file {path} cannot be read: {error.strerror or error}"
+        ) from error
+    # UTF-8, with or without the byte-order mark Windows editors write; UTF-16 with its mark
+    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else (
+        "utf-8-sig")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise VocabularyError(
+            f"vocabulary file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} on line "
+            f"{line}); save it as UTF-8"
+        ) from None
     classes: list[list[str]] = []
     positions: list[str] = []
     for line_number, line in enumerate(text.splitlines(), start=1):

@@ -1,6 +1,6 @@
 """Visualisation and outputs: class palette, overlays with legends, atomic label/JSON writers."""
 
-from ovseg.vis.overlay import draw_legend, overlay
+from ovseg.vis.overlay import OVERLAY_ALPHA, draw_legend, draw_regions, legend_overlay, overlay
 from ovseg.vis.palette import class_color, palette
 from ovseg.vis.writers import (
     atomic_path,
@@ -11,10 +11,13 @@ from ovseg.vis.writers import (
 )
 
 __all__ = [
+    "OVERLAY_ALPHA",
     "atomic_path",
     "class_color",
     "class_fractions",
     "draw_legend",
+    "draw_regions",
+    "legend_overlay",
     "overlay",
     "palette",
     "write_json",

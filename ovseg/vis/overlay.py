@@ -1,4 +1,4 @@
-"""Overlays: class colours blended over an image, and a legend panel beside it."""
+"""Overlays: class colours blended over an image, a legend panel beside it, region prompts."""
 
 from __future__ import annotations
 
@@ -7,14 +7,20 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+from PIL import Image, ImageDraw
 
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
+from ovseg.vis.fonts import draw_text, text_style
+from ovseg.vis.palette import palette
+from ovseg.vis.writers import class_fractions
+
 _PANEL_COLOR = (255, 255, 255)
 _TEXT_COLOR = (20, 20, 20)
 _SWATCH_BORDER = (60, 60, 60)
 # text height follows the image height so the legend reads the same at any resolution
-_FONT_SCALE_PER_PIXEL = 1.0 / 720.0
-_FONT_SCALE_RANGE = (0.4, 1.5)
+_FONT_SIZE_PER_PIXEL = 1.0 / 28.0
+_FONT_SIZE_RANGE = (12, 48)
+# region labels: the class name beside a box or point prompt
+_REGION_FONT_SIZE = 13
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -64,11 +70,6 @@ def overlay(
     return out
 
 
-def _ascii(text: str) -> str:
-    # cv2's Hershey fonts draw ASCII only; make the loss visible instead of drawing garbage
-    return "".join(char if 32 <= ord(char) < 127 else "?" for char in text)
-
-
 def draw_legend(
     image: np.ndarray,
     class_names: Sequence[str],
@@ -79,7 +80,9 @@ def draw_legend(
 
     The panel is appended, so no pixel of the image is covered; the result is wider than the
     image (and taller only when the image is lower than one legend row). Classes that do not
-    fit in one column of the image's height go into more columns.
+    fit in one column of the image's height go into more columns. Names are drawn with Unicode
+    fonts (:mod:`ovseg.vis.fonts`: Latin, Greek, Cyrillic with DejaVu Sans; CJK when the system
+    has a CJK font; a character no font has is drawn as "?").
 
     Args:
         image: (H, W, 3) uint8 RGB (usually an ``overlay``).
@@ -103,18 +106,16 @@ def draw_legend(
         return image.copy()
 
     height, width = image.shape[:2]
-    scale = float(
-        np.clip(height * _FONT_SCALE_PER_PIXEL, _FONT_SCALE_RANGE[0], _FONT_SCALE_RANGE[1])
-    )
-    thickness = 1 if scale < 0.8 else 2
-    (_, text_height), baseline = cv2.getTextSize("Ag", _FONT, scale, thickness)
-    swatch = text_height + baseline
-    gap = max(4, text_height // 2)
+    size = int(np.clip(round(height * _FONT_SIZE_PER_PIXEL), *_FONT_SIZE_RANGE))
+    style = text_style(size)
+    ascent, descent = style.ascent_descent
+    swatch = ascent + descent
+    gap = max(4, size // 3)
     row_height = swatch + gap
     margin = gap
 
-    texts = [_ascii(class_names[index]) for index in entries]
-    text_width = max(cv2.getTextSize(text, _FONT, scale, thickness)[0][0] for text in texts)
+    texts = [class_names[index] for index in entries]
+    text_width = max(style.width(text) for text in texts)
     column_width = swatch + gap + text_width + margin
     rows_per_column = max(1, (height - 2 * margin + gap) // row_height)
     num_columns = math.ceil(len(entries) / rows_per_column)
@@ -122,27 +123,85 @@ def draw_legend(
 
     panel_width = margin + num_columns * column_width
     out_height = max(height, 2 * margin + rows_used * row_height - gap)
-    out = np.empty((out_height, width + panel_width, 3), dtype=np.uint8)
-    out[:] = _PANEL_COLOR
-    out[:height, :width] = image
-
+    canvas = Image.new("RGB", (width + panel_width, out_height), _PANEL_COLOR)
+    draw = ImageDraw.Draw(canvas)
     for position, (index, text) in enumerate(zip(entries, texts, strict=True)):
         column, row = divmod(position, rows_per_column)
         x = width + margin + column * column_width
         y = margin + row * row_height
         color = tuple(int(c) for c in colors[index])
-        cv2.rectangle(out, (x, y), (x + swatch - 1, y + swatch - 1), color, thickness=-1)
-        cv2.rectangle(out, (x, y), (x + swatch - 1, y + swatch - 1), _SWATCH_BORDER, 1)
-        # org is the text's baseline-left corner: baseline level with the swatch's upper part
-        # so descenders stay within the swatch's height
-        cv2.putText(
-            out,
-            text,
-            (x + swatch + gap, y + text_height),
-            _FONT,
-            scale,
-            _TEXT_COLOR,
-            thickness,
-            cv2.LINE_AA,
-        )
+        draw.rectangle((x, y, x + swatch - 1, y + swatch - 1), fill=color, outline=_SWATCH_BORDER)
+        # baseline at the swatch's ascent: the text spans the swatch's height
+        style.draw(draw, (x + swatch + gap, y + ascent), text, _TEXT_COLOR)
+    out = np.array(canvas)
+    out[:height, :width] = image
     return out
+
+
+# weight of the class colour in the demos' overlays; the image stays recognisable underneath
+OVERLAY_ALPHA = 0.5
+
+
+def legend_overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    alpha: float = OVERLAY_ALPHA,
+) -> np.ndarray:
+    """The demos' picture of a segmentation: class colours over the image, and a legend of the
+    classes present, largest area first.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        labels: (H, W) integer indices into ``class_names``.
+        class_names: C class names.
+
+    Returns:
+        (H', W + P, 3) uint8 RGB, as :func:`draw_legend`.
+    """
+    fractions = class_fractions(labels, class_names)
+    # a repeated name is listed once, at its first index (class_fractions pools its pixels)
+    index_of = {name: i for i, name in reversed(list(enumerate(class_names)))}
+    present = [index_of[name] for name in fractions]
+    colors = palette(class_names)
+    return draw_legend(overlay(image, labels, colors, alpha), class_names, colors, present)
+
+
+def draw_regions(
+    image: np.ndarray,
+    boxes: Sequence[Sequence[float]] | np.ndarray | None,
+    points: Sequence[Sequence[float]] | np.ndarray | None,
+    labels: Sequence[int],
+    class_names: Sequence[str],
+) -> tuple[np.ndarray, list[dict]]:
+    """Draw region prompts with their classes: each box or point in its class's colour, with
+    the class name beside it.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        boxes: (R_b, 4) xyxy pixels, or None.
+        points: (R_p, 2) xy pixels, or None.
+        labels: R_b + R_p class indices into ``class_names``, boxes first.
+
+    Returns:
+        the drawn (H, W, 3) uint8 RGB copy, and per prompt ``{"kind": "box" | "point",
+        "coords": [...], "class": name}``, boxes first.
+    """
+    _check_image(image)
+    shown = np.ascontiguousarray(image.copy())
+    colors = palette(class_names)
+    prompts = [("box", box) for box in (boxes if boxes is not None else [])]
+    prompts += [("point", point) for point in (points if points is not None else [])]
+    entries = []
+    for (kind, coords), label in zip(prompts, labels, strict=True):
+        color = tuple(int(c) for c in colors[label])
+        xy = tuple(int(round(v)) for v in coords)
+        if kind == "box":
+            cv2.rectangle(shown, xy[:2], xy[2:], color, 2)
+        else:
+            cv2.circle(shown, xy, 4, color, -1)
+        shown = draw_text(shown, class_names[label], (xy[0] + 2, xy[1] + 12), color,
+                          _REGION_FONT_SIZE)
+        entries.append({"kind": kind, "coords": [float(v) for v in coords],
+                        "class": class_names[label]})
+    return shown, entries

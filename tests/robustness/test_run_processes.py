@@ -115,3 +115,52 @@ def _die_on_rank_one() -> None:
 def test_a_dead_process_during_evaluation_is_an_evaluation_failure():
     with pytest.raises(LaunchError, match="an evaluation process died"):
         launch(_die_on_rank_one, 2, job="evaluation")
+
+
+def test_the_memory_estimate_counts_the_encoders_the_build_holds():
+    import ovseg
+    from ovseg.engine.resources import RUNTIME_BYTES, process_memory_bytes
+
+    # open_clip's ViT-B-16: 149,620,737 parameters (image and text towers), float32
+    need, what = process_memory_bytes(ovseg.get_config("dense_clip/maskclip_vitb16.yaml"))
+    assert need == RUNTIME_BYTES + 149_620_737 * 4
+    assert what.startswith("clip ViT-B-16 0.6 GiB") and "dino" not in what  # MaskCLIP: no DINO
+    # ProxyCLIP's proxy adds DINO ViT-B/8 (85,807,872 parameters in timm, head-less)
+    proxy, what = process_memory_bytes(ovseg.get_config("dense_clip/proxyclip_vitb16.yaml"))
+    assert "dino vit_base_patch8_224.dino" in what and proxy - need > 80e6 * 4
+
+
+def test_more_cpu_processes_than_the_memory_holds_is_refused(monkeypatch):
+    import ovseg.engine.launch as launch_module
+
+    if __import__("torch").cuda.is_available():
+        pytest.skip("with GPUs --num-gpus counts GPUs")
+    monkeypatch.delenv("OVSEG_ALLOW_OVERSUBSCRIBE", raising=False)
+    monkeypatch.setattr(launch_module.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(launch_module, "available_memory_bytes", lambda: 5 * 2**30)
+    with pytest.raises(LaunchError, match=r"at least 2\.0 GiB: clip .*, 8\.0 GiB in all, but "
+                                          r"5\.0 GiB .*use at most --num-gpus 2"):
+        launch(_never_called, 4, memory_per_process=(2 * 2**30, "clip ViT-B-16 1.0 GiB"))
+    monkeypatch.setenv("OVSEG_ALLOW_OVERSUBSCRIBE", "1")  # the user's override runs them
+    monkeypatch.setattr(launch_module.mp, "start_processes", lambda *a, **k: None)
+    assert launch(_never_called, 4, memory_per_process=(2 * 2**30, "clip")) is None
+
+
+def test_train_net_checks_the_memory_of_n_cpu_processes_before_spawning(
+        tmp_path, monkeypatch, capsys):
+    import ovseg.engine.launch as launch_module
+    from tools.train_net import main
+
+    if __import__("torch").cuda.is_available():
+        pytest.skip("with GPUs --num-gpus counts GPUs")
+    monkeypatch.delenv("OVSEG_ALLOW_OVERSUBSCRIBE", raising=False)
+    monkeypatch.setattr(launch_module.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(launch_module, "available_memory_bytes", lambda: 2**30)
+    monkeypatch.setattr(launch_module.mp, "start_processes", _never_called)
+    code = main(["--config-file", "configs/tiny/dense_clip_tiny.yaml", "--eval-only",
+                 "--num-gpus", "2", "output_dir", str(tmp_path / "out"),
+                 "datasets.test", "[voc_21]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: --num-gpus 2 on a machine without GPUs") and \
+        "use at most --num-gpus 1" in err[0]
