@@ -19,3 +19,21 @@ def _private_text_cache(tmp_path_factory, monkeypatch):
 
 
 logging.getLogger("root").setLevel(logging.ERROR)
+
+
+@pytest.fixture
+def restore_ovseg_logging():
+    """train_net's main, run in this process, installs its own handlers on the "ovseg" logger
+    and stops propagation; put the logger back so later tests' caplog sees its records."""
+    logger = logging.getLogger("ovseg")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    for handler in list(logger.handlers):
+        if handler not in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+    logger.propagate = propagate
+    logger.setLevel(level)

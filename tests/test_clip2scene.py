@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import math
 
 import numpy as np
@@ -219,24 +218,6 @@ def oracle_teacher(self, crops, text):
     logits = F.one_hot(labels, 20).permute(0, 3, 1, 2).float()
     image = torch.randn(20, self.clip.embed_dim, generator=torch.Generator().manual_seed(0))
     return logits, image[labels].permute(0, 3, 1, 2).contiguous()
-
-
-@pytest.fixture
-def restore_ovseg_logging():
-    """train_net's main, run in this process, installs its own handlers on the "ovseg" logger
-    and stops propagation; put the logger back so later tests' caplog sees its records."""
-    logger = logging.getLogger("ovseg")
-    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
-    yield
-    for handler in list(logger.handlers):
-        if handler not in handlers:
-            logger.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in logger.handlers:
-            logger.addHandler(handler)
-    logger.propagate = propagate
-    logger.setLevel(level)
 
 
 def _train_net(*argv: str) -> None:

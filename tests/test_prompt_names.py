@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import re
 import warnings
 from pathlib import Path
@@ -231,22 +230,6 @@ def test_method_configs_select_their_reference_files():
 # --------------------------------------------------------------------------- the eval runner
 
 
-@pytest.fixture
-def restore_ovseg_logger():
-    # train_net's setup_logging replaces the package logger's handlers and stops propagation;
-    # later tests (caplog) need them back
-    logger = logging.getLogger("ovseg")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-    for handler in saved[0]:
-        logger.addHandler(handler)
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
-
-
 def _load_train_net():
     spec = importlib.util.spec_from_file_location(
         "_train_net_under_test", REPO_ROOT / "tools" / "train_net.py"
@@ -256,7 +239,7 @@ def _load_train_net():
     return module
 
 
-def test_eval_only_prompts_with_the_selected_set(tmp_path, monkeypatch, restore_ovseg_logger):
+def test_eval_only_prompts_with_the_selected_set(tmp_path, monkeypatch, restore_ovseg_logging):
     root = tmp_path / "datasets"
     build_voc(root)
     seen = []

@@ -4,13 +4,9 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-
-import pytest
 
 from tests.helpers import REPO_ROOT
 
@@ -48,19 +44,3 @@ def files_under(root: Path) -> list[str]:
     return sorted(path.relative_to(root).as_posix() for path in root.rglob("*"))
 
 
-@pytest.fixture
-def restore_ovseg_logging() -> Iterator[None]:
-    """train_net's main, run in this process, installs handlers on the "ovseg" logger and
-    stops propagation; put the logger back afterwards."""
-    logger = logging.getLogger("ovseg")
-    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
-    yield
-    for handler in list(logger.handlers):
-        if handler not in handlers:
-            logger.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in logger.handlers:
-            logger.addHandler(handler)
-    logger.propagate = propagate
-    logger.setLevel(level)

@@ -19,12 +19,7 @@ from ovseg.config import save_config
 from ovseg.engine import hooks
 from ovseg.errors import WriteError
 from ovseg.evaluation.sem_seg import SemSegEvaluator, write_results
-from tests.robustness.scripts import (  # noqa: F401 (a fixture)
-    files_under,
-    load_script,
-    one_error_line,
-    restore_ovseg_logging,
-)
+from tests.robustness.scripts import files_under, load_script, one_error_line
 from tests.test_engine_checkpoint import make, step
 from tests.test_engine_train import make_toy_dataset, write_config
 
@@ -154,7 +149,7 @@ def test_log_txt_on_a_full_disk_is_one_warning(tmp_path, capsys):
 
 
 def test_train_net_stops_in_one_line_and_keeps_the_last_checkpoint(
-    tmp_path, monkeypatch, capsys, restore_ovseg_logging  # noqa: F811
+    tmp_path, monkeypatch, capsys, restore_ovseg_logging
 ):
     config = write_config(tmp_path / "toy.yaml", make_toy_dataset(tmp_path / "data", count=2))
     output = tmp_path / "run"
