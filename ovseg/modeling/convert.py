@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 
 from ovseg.errors import WeightsError
-from ovseg.io import atomic_path, atomic_write_text, sha256_file, unreadable_reason
+from ovseg.io import atomic_path, atomic_write_text, sha256_file
+from ovseg.modeling.files import read_tensor_file
 
 LISTED = 20  # keys named per kind of problem in an error
 SNIPPET_SUFFIX = ".yaml"
@@ -184,34 +185,7 @@ def read_checkpoint(path: str | Path, wrappers: tuple[str, ...] = (), expected: 
         WeightsError: one line: the file is missing or unreadable, holds pickled code or
             objects, or (after unwrapping) is not a flat dict of tensors.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a pickle with code, a truncated or corrupt file
-        raise WeightsError(f"cannot read checkpoint {path}: {unreadable_reason(path, exc)}"
-                           ) from exc
-    if isinstance(state, Mapping):
-        for key in wrappers:
-            if isinstance(state.get(key), Mapping):
-                state = state[key]
-                break
-    hint = f"; expected {expected}" if expected else ""
-    if not isinstance(state, Mapping):
-        raise WeightsError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of "
-                           f"tensors{hint}")
-    others = sorted(str(k) for k, v in state.items() if not isinstance(v, Tensor))
-    if others:
-        wrapped = f" (looked inside {', '.join(wrappers)})" if wrappers else ""
-        raise WeightsError(f"checkpoint {path} is not a flat dict of tensors{wrapped}: "
-                           f"entries {_names(others)} are not tensors{hint}")
-    return {str(k): v for k, v in state.items()}
+    return read_tensor_file(path, wrappers=wrappers, expected=expected)
 
 
 def _names(keys: list[str]) -> str:
