@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +24,7 @@ from ovseg.modeling.convert import FORMATS, convert_checkpoint, read_checkpoint
 from ovseg.modeling.found import load_found_decoder
 from ovseg.modeling.mask_proposal.checkpoint import authors_key
 from ovseg.modeling.minkunet import student_input
+from tests.fixtures.checkpoints import minkowski_minkunet_state
 from tests.helpers import REPO_ROOT
 
 VOCAB = ["cat", "dog", "sky"]
@@ -125,48 +125,8 @@ def ovseg_clip_pt(path: Path) -> Path:
 
 def minkunet_state(init: int = 16, planes=(16,) * 8, head: int = TINY_CLIP_EMBED
                    ) -> dict[str, torch.Tensor]:
-    """CLIP2Scene's MinkowskiEngine MinkUNet14A, spelt out here (MinkowskiEngine's kernels
-    (k^3, in, out), ``X.bn.*`` batch norms, ``local_feature`` and ``classifier`` heads, the
-    text embeddings), independently of our module names."""
-    state: dict[str, torch.Tensor] = {}
-    seed = iter(range(100, 10_000))
-
-    def conv(name, cin, cout, kernel, bias=False):
-        shape = (cin, cout) if kernel == 1 else (kernel ** 3, cin, cout)
-        state[f"{name}.kernel"] = noise(shape, next(seed), 1 / math.sqrt(cin * kernel ** 3))
-        if bias:
-            state[f"{name}.bias"] = noise((1, cout), next(seed))
-
-    def bn(name, width):
-        for leaf in ("weight", "bias", "running_mean", "running_var"):
-            state[f"{name}.bn.{leaf}"] = noise((width,), next(seed)).abs() + 0.5
-        state[f"{name}.bn.num_batches_tracked"] = torch.tensor(7)
-
-    def block(name, cin, width):
-        conv(f"{name}.0.conv1", cin, width, 3)
-        bn(f"{name}.0.norm1", width)
-        conv(f"{name}.0.conv2", width, width, 3)
-        bn(f"{name}.0.norm2", width)
-        if cin != width:
-            conv(f"{name}.0.downsample.0", cin, width, 1)
-            bn(f"{name}.0.downsample.1", width)
-
-    p = planes
-    conv("conv0p1s1", 3, init, 3)
-    bn("bn0", init)
-    for i, (cin, width) in enumerate([(init, p[0]), (p[0], p[1]), (p[1], p[2]), (p[2], p[3])]):
-        conv(f"conv{i + 1}p{2 ** i}s2", cin, cin, 2)
-        bn(f"bn{i + 1}", cin)
-        block(f"block{i + 1}", cin, width)
-    ups = [(p[3], p[4], p[2]), (p[4], p[5], p[1]), (p[5], p[6], p[0]), (p[6], p[7], init)]
-    for i, (cin, width, skip) in enumerate(ups):
-        conv(f"convtr{i + 4}p{2 ** (4 - i)}s2", cin, width, 2)
-        bn(f"bntr{i + 4}", width)
-        block(f"block{i + 5}", width + skip, width)
-    for name in ("final", "local_feature", "classifier"):
-        conv(name, p[7], head, 1, bias=True)
-    state["text_embeddings"] = noise((21, head), 9)
-    return state
+    """CLIP2Scene's MinkowskiEngine MinkUNet14A at a tiny width."""
+    return minkowski_minkunet_state(init, tuple(planes), head)
 
 
 def clip2scene_ckpt(path: Path) -> Path:

@@ -36,6 +36,7 @@ from ovseg.modeling.minkunet import (
     load_authors_checkpoint,
     student_input,
 )
+from tests.fixtures.checkpoints import minkowski_minkunet_state
 
 requires_spconv = pytest.mark.skipif(not spconv_available(), reason="spconv is not installed")
 
@@ -266,48 +267,9 @@ def test_tiny_minkunet_trains_on_random_points():
 
 
 def authors_minkunet14a_state() -> dict[str, torch.Tensor]:
-    """A fake of the authors' checkpoint: MinkowskiEngine's key names and shapes of
-    CLIP2Scene's MinkUNet14A (3 -> ..., model_n_out 512, 20 text categories), written out
-    here independently of our module names."""
-    torch.manual_seed(6)
-    state: dict[str, torch.Tensor] = {}
-
-    def conv(name, cin, cout, kernel, bias=False):
-        shape = (cin, cout) if kernel == 1 else (kernel ** 3, cin, cout)
-        state[f"{name}.kernel"] = torch.randn(shape)
-        if bias:
-            state[f"{name}.bias"] = torch.randn(1, cout)
-
-    def bn(name, width):
-        for leaf in ("weight", "bias", "running_mean", "running_var"):
-            state[f"{name}.bn.{leaf}"] = torch.rand(width) + 0.5
-        state[f"{name}.bn.num_batches_tracked"] = torch.tensor(7)
-
-    def block(name, cin, width):
-        conv(f"{name}.0.conv1", cin, width, 3)
-        bn(f"{name}.0.norm1", width)
-        conv(f"{name}.0.conv2", width, width, 3)
-        bn(f"{name}.0.norm2", width)
-        if cin != width:
-            conv(f"{name}.0.downsample.0", cin, width, 1)
-            bn(f"{name}.0.downsample.1", width)
-
-    p = (32, 64, 128, 256, 128, 128, 96, 96)
-    conv("conv0p1s1", 3, 32, 3)
-    bn("bn0", 32)
-    for i, (cin, width) in enumerate([(32, p[0]), (p[0], p[1]), (p[1], p[2]), (p[2], p[3])]):
-        conv(f"conv{i + 1}p{2 ** i}s2", cin, cin, 2)
-        bn(f"bn{i + 1}", cin)
-        block(f"block{i + 1}", cin, width)
-    ups = [(p[3], p[4], p[2]), (p[4], p[5], p[1]), (p[5], p[6], p[0]), (p[6], p[7], 32)]
-    for i, (cin, width, skip) in enumerate(ups):
-        conv(f"convtr{i + 4}p{2 ** (4 - i)}s2", cin, width, 2)
-        bn(f"bntr{i + 4}", width)
-        block(f"block{i + 5}", width + skip, width)
-    for head in ("final", "local_feature", "classifier"):
-        conv(head, 96, 512, 1, bias=True)
-    state["text_embeddings"] = torch.randn(21, 512)
-    return state
+    """A fake of the authors' checkpoint at full width: CLIP2Scene's MinkUNet14A (3 -> ...,
+    model_n_out 512, 20 text categories)."""
+    return minkowski_minkunet_state()
 
 
 def test_authors_checkpoint_loads_one_to_one(tmp_path):
