@@ -22,6 +22,18 @@ logging.getLogger("root").setLevel(logging.ERROR)
 
 
 @pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a command gets as far as loading a config or building a model."""
+    import ovseg
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the demo should have stopped before loading the config/model")
+
+    monkeypatch.setattr(ovseg, "get_config", forbidden)
+    monkeypatch.setattr(ovseg, "build_model", forbidden)
+
+
+@pytest.fixture
 def restore_ovseg_logging():
     """train_net's main, run in this process, installs its own handlers on the "ovseg" logger
     and stops propagation; put the logger back so later tests' caplog sees its records."""

@@ -182,17 +182,6 @@ def test_same_stem_in_two_folders(run_demo, tmp_path: Path, capsys) -> None:
 # ------------------------------------------------------- failures before the model is built
 
 
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if the demo gets as far as loading a config or building a model."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the demo should have stopped before loading the config/model")
-
-    monkeypatch.setattr(ovseg, "get_config", forbidden)
-    monkeypatch.setattr(ovseg, "build_model", forbidden)
-
-
 @pytest.mark.parametrize("vocab", [",", "", " ; ", "cat,,dog"])
 def test_bad_vocabulary_fails_before_model(no_model, tmp_path: Path, capsys, vocab: str) -> None:
     image = _save(tmp_path / "x.png", _rgb())

@@ -54,15 +54,6 @@ def stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ovseg, "build_model", lambda cfg: _StripesModel())
 
 
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the demo should have stopped before loading the config/model")
-
-    monkeypatch.setattr(ovseg, "get_config", forbidden)
-    monkeypatch.setattr(ovseg, "build_model", forbidden)
-
-
 def _image(path: Path, seed: int = 0) -> Path:
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 32, 3), np.uint8)).save(path)
     return path
