@@ -181,3 +181,14 @@ def test_naclip_thresholds_before_it_renormalises():
     # to background
     sent_before, sent_after = int((best < 0.1).sum()), int((renormalised.amax(0) < 0.1).sum())
     assert sent_before > sent_after
+
+
+def test_argmax_classes_equals_argmax_with_ties_and_nan():
+    from ovseg.layers.labels import argmax_classes
+
+    scores = torch.randint(0, 3, (7, 40, 50), generator=torch.Generator().manual_seed(0)).float()
+    assert torch.equal(argmax_classes(scores), scores.argmax(0))  # many ties: the first wins
+    scores[2, 3, 4] = scores[5, 3, 4] = float("nan")
+    assert torch.equal(argmax_classes(scores), scores.argmax(0))  # NaN counts as the max
+    probs = torch.rand(150, 9, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(argmax_classes(probs), probs.argmax(0))

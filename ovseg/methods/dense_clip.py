@@ -21,6 +21,7 @@ from ovseg.encoders.sam import SamEncoder, SamFeatures
 from ovseg.errors import ConfigError
 from ovseg.layers.attention import LAST_BLOCK_VARIANTS
 from ovseg.layers.labels import (
+    argmax_classes,
     class_probabilities,
     labels_from_probabilities,
     small_class_mask,
@@ -267,7 +268,7 @@ class DenseClip(nn.Module):
         areas of the whole image first (counted a band at a time)."""
         counts = torch.zeros(num_classes, dtype=torch.int64)
         for _, band in score_bands(scores, size):
-            argmax = to_probabilities(band).argmax(0).flatten().cpu()
+            argmax = argmax_classes(to_probabilities(band)).flatten().cpu()
             counts += torch.bincount(argmax, minlength=num_classes)
         return small_class_mask(counts, self.settings.area_thd).view(-1, 1, 1)
 

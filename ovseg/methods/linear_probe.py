@@ -26,6 +26,7 @@ from ovseg.config.schema import InferenceConfig
 from ovseg.encoders.clip import ClipEncoder
 from ovseg.errors import ConfigError, VocabularyError
 from ovseg.layers.attention import LAST_BLOCK_VARIANTS
+from ovseg.layers.labels import argmax_classes
 from ovseg.layers.resize import check_image, image_tensor, rescale_size, resize_image
 from ovseg.layers.windows import sliding_window_logits
 from ovseg.methods.base import Prediction, labels_in_bands
@@ -168,7 +169,7 @@ class LinearProbe(nn.Module):
             x, self, crop=settings.crop, stride=settings.stride,
             window_batch=settings.window_batch, pad_multiple=settings.pad_multiple,
         )[0].cpu()
-        labels = labels_in_bands(logits, (height, width), lambda band: band.argmax(0),
+        labels = labels_in_bands(logits, (height, width), argmax_classes,
                                  num_classes=len(self.class_names))
         return Prediction(labels.numpy(), list(self.class_names), logits, _softmax_over_classes)
 

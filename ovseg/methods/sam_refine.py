@@ -42,6 +42,7 @@ from ovseg.encoders.sam import SamEncoder, SamFeatures
 from ovseg.errors import ConfigError
 from ovseg.layers.chunked_resize import bilinear_matrix, chained_bilinear_rows
 from ovseg.layers.components import connected_components
+from ovseg.layers.labels import argmax_classes
 from ovseg.layers.sam_prompts import (
     best_point,
     box_prompt,
@@ -375,6 +376,6 @@ class SamRefiner:
             if not any(bool((logits > 0).any()) for _, logits in mask_bands):
                 continue  # no accepted mask reaches these rows: the coarse labels stay
             scores, decided = refinement.merge(rows, prediction.band(rows), mask_bands)
-            labels[rows] = torch.where(decided, scores.argmax(dim=0), labels[rows])
+            labels[rows] = torch.where(decided, argmax_classes(scores), labels[rows])
         return RefinedPrediction(labels.numpy(), prediction.classes, prediction.scores,
                                  prediction.to_probabilities, refinement=refinement)

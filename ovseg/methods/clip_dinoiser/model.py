@@ -31,7 +31,7 @@ from ovseg.encoders.clip import ClipEncoder
 from ovseg.encoders.weights import seeded_init
 from ovseg.errors import ConfigError
 from ovseg.layers.attention import maskclip_last_block
-from ovseg.layers.labels import class_probabilities
+from ovseg.layers.labels import argmax_classes, class_probabilities
 from ovseg.layers.resize import check_image, image_tensor, rescale_size
 from ovseg.layers.windows import WindowBatch, splice_windows, window_batches
 from ovseg.methods.base import ImageState, Prediction, labels_in_bands
@@ -262,7 +262,7 @@ def _to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
 
 
 def _argmax(band: Tensor) -> Tensor:
-    return band.argmax(0)
+    return argmax_classes(band)
 
 
 def _as_they_are(band: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from ovseg.encoders.clip import ClipEncoder
 from ovseg.encoders.weights import seeded_init
 from ovseg.errors import ConfigError
 from ovseg.layers.attention import LAST_BLOCK_VARIANTS, vanilla_last_block
-from ovseg.layers.labels import class_probabilities
+from ovseg.layers.labels import argmax_classes, class_probabilities
 from ovseg.layers.resize import check_image, image_tensor
 from ovseg.methods.base import ImageState, Prediction, labels_in_bands
 from ovseg.methods.common import clip_from_config, settings_from_config
@@ -317,7 +317,7 @@ class Cloc(nn.Module):
         cosine = (regions @ self.class_text(vocabulary.names).T.to(regions)).T
         scores = class_probabilities(cosine.reshape(-1, rows, cols), vocabulary,
                                      self.settings.dense_logit_scale).float().cpu()
-        labels = labels_in_bands(scores, state.size, lambda band: band.argmax(0),
+        labels = labels_in_bands(scores, state.size, argmax_classes,
                                  num_classes=len(vocabulary.class_names))
         return Prediction(labels.numpy(), vocabulary.class_names, scores, lambda band: band)
 

@@ -35,7 +35,7 @@ from ovseg.encoders.clip import ClipEncoder
 from ovseg.encoders.weights import load_into, seeded_init
 from ovseg.errors import ConfigError, WeightsError
 from ovseg.io import load_state_dict_file, sha256_file
-from ovseg.layers.labels import max_over_synonyms
+from ovseg.layers.labels import argmax_classes, max_over_synonyms
 from ovseg.layers.mask_ensemble import clip_region_logits, ensemble_probabilities
 from ovseg.layers.masked_crops import BLACK, CLIP_MEAN_COLOUR, masked_crop_batches
 from ovseg.layers.resize import check_image, image_tensor, rescale_size
@@ -370,7 +370,7 @@ class SoftMaskMap:
         return max_over_synonyms(names, self.name_to_class.to(band.device), self.num_classes)
 
     def labels(self, band: Tensor) -> Tensor:
-        return self(band).argmax(0)
+        return argmax_classes(self(band))
 
 
 @dataclass
