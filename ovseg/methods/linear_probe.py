@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovseg.config.schema import InferenceConfig
+from ovseg.data.concat import ConcatenatedSamples
 from ovseg.encoders.clip import ClipEncoder
 from ovseg.errors import ConfigError, VocabularyError
 from ovseg.layers.attention import LAST_BLOCK_VARIANTS
@@ -48,19 +49,15 @@ class CropSamples(Sequence[dict[str, Any]]):
     def __init__(self, datasets: Sequence[Any], ignore_values: Sequence[int], crop_size: int):
         if crop_size <= 0:
             raise ConfigError(f"dataloader.crop_size must be positive, got {crop_size}")
-        self.datasets = list(datasets)
+        self.samples = ConcatenatedSamples(datasets)
         self.ignore_values = list(ignore_values)
         self.crop_size = crop_size
-        self._starts = np.cumsum([0] + [len(d) for d in self.datasets])
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
-        if not 0 <= index < len(self):
-            raise IndexError(f"sample {index} of {len(self)}")
-        which = int(np.searchsorted(self._starts, index, side="right")) - 1
-        sample = self.datasets[which][int(index - self._starts[which])]
+        which, sample = self.samples.locate(index)
         size = (self.crop_size, self.crop_size)
         image = resize_image(sample["image"], size)
         label = np.asarray(sample["label"])

@@ -35,6 +35,7 @@ import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
+from ovseg.data.concat import ConcatenatedSamples
 from ovseg.data.image_io import read_image
 from ovseg.errors import ConfigError, DatasetError
 from ovseg.layers.resize import resize_image
@@ -238,22 +239,18 @@ class SemanticCrops(Sequence[dict[str, Any]]):
                  color_jitter: bool = True):
         if crop_size <= 0:
             raise ConfigError(f"dataloader.crop_size must be positive, got {crop_size}")
-        self.datasets = list(datasets)
+        self.samples = ConcatenatedSamples(datasets)
         self.ignore_values = list(ignore_values)
         self.crop_size = crop_size
         self.short_sides = [int(s) for s in short_sides]
         self.flip = flip
         self.color_jitter = color_jitter
-        self._starts = np.cumsum([0] + [len(d) for d in self.datasets])
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
-        if not 0 <= index < len(self):
-            raise IndexError(f"sample {index} of {len(self)}")
-        which = int(np.searchsorted(self._starts, index, side="right")) - 1
-        sample = self.datasets[which][int(index - self._starts[which])]
+        which, sample = self.samples.locate(index)
         image = np.asarray(sample["image"])
         label = np.asarray(sample["label"])
         label = np.where(label == self.ignore_values[which], IGNORE_LABEL, label).astype(np.int32)
