@@ -18,7 +18,7 @@ from ovseg.methods.clip2scene import Clip2Scene, training
 from ovseg.methods.clip2scene.training import crop_pixels, semantic_targets
 from ovseg.text import get_templates
 from tests.fixtures.scannet import LABEL_COLOURS, build_scannet_scene
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, load_script
 
 TINY = REPO_ROOT / "configs" / "tiny" / "clip2scene_tiny.yaml"
 TRAIN_NET = REPO_ROOT / "tools" / "train_net.py"
@@ -277,11 +277,7 @@ def test_train_through_train_net_then_eval_only(tmp_path, monkeypatch, restore_o
 
 
 def _load_demo3d():
-    spec = importlib.util.spec_from_file_location("ovseg_demo3d_cli",
-                                                  REPO_ROOT / "demo" / "demo3d.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo/demo3d.py")
 
 
 def test_demo3d_missing_mesh_is_one_line_and_writes_nothing(tmp_path, capsys):

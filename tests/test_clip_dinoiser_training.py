@@ -8,13 +8,11 @@ runs the demo with them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,9 +37,9 @@ from ovseg.methods.clip_dinoiser.training import (
 from ovseg.modeling.dinoiser_heads import DinoiserHeads
 from ovseg.modeling.found import FoundDecoder
 from tests.fixtures.builders import build_voc
+from tests.helpers import load_script, run_train_net
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_NET = REPO / "tools" / "train_net.py"
 TRAIN_TINY = REPO / "configs" / "tiny" / "clip_dinoiser_train_tiny.yaml"
 TRAIN_FULL = REPO / "configs" / "clip_dinoiser" / "train_imagenet1k.yaml"
 HEAD_KEYS = {"heads.correlation.weight", "heads.correlation.bias", "heads.background.weight",
@@ -361,18 +359,11 @@ def test_target_cache_is_reused_and_invalidated(files, tmp_path, monkeypatch):
 
 
 def _train_net(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(TRAIN_NET), *args], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_train_net(*args, timeout=timeout, threads=1)
 
 
 def _load_demo():
-    spec = importlib.util.spec_from_file_location("ovseg_demo_cli", REPO / "demo" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo/demo.py")
 
 
 def test_train_then_evaluate_and_demo_with_the_trained_heads(files, tmp_path):

@@ -6,7 +6,6 @@ now) and with the tiny real model config, which skips until that config exists.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,18 +19,14 @@ from PIL import Image
 
 import ovseg
 from ovseg.methods.base import Prediction
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny" / "dense_clip_tiny.yaml"
 
 
 def _load_demo() -> ModuleType:
-    # demo/ is a folder of scripts, not a package: import the file by path
-    spec = importlib.util.spec_from_file_location("ovseg_demo_cli", REPO / "demo" / "demo.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo/demo.py")
 
 
 demo = _load_demo()

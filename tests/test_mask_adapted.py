@@ -7,11 +7,8 @@ through ``tools/train_net.py``, then ``--eval-only`` and the demo run with its w
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -35,11 +32,11 @@ from ovseg.methods.mask_adapted.training import STORED_FILL, semantic_targets
 from ovseg.modeling.mask_proposal import normalize_images
 from ovseg.modeling.mask_proposal.checkpoint import authors_key
 from ovseg.modeling.matcher import HungarianMatcher
+from tests.helpers import load_script, run_train_net
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny" / "mask_adapted_tiny.yaml"
 TRAIN_TINY = REPO / "configs" / "tiny" / "mask_adapted_train_tiny.yaml"
-TRAIN_NET = REPO / "tools" / "train_net.py"
 VOCAB = ["sky", "dog", "grass"]
 
 
@@ -348,18 +345,11 @@ def write_shapes(root: Path, size: int = 64) -> Path:
 
 
 def _train_net(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(TRAIN_NET), *args], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_train_net(*args, timeout=timeout, threads=2)
 
 
 def _load_demo():
-    spec = importlib.util.spec_from_file_location("ovseg_demo_cli", REPO / "demo" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo/demo.py")
 
 
 def test_train_proposals_then_evaluate_and_demo(tmp_path, cache):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import warnings
@@ -24,7 +23,7 @@ from ovseg.data.catalog import (
 from ovseg.methods.dense_clip import DenseClip
 from ovseg.text import read_vocabulary_file
 from tests.fixtures.builders import build_voc
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, load_script
 
 BENCHMARKS = (
     "voc_21", "voc_20", "pcontext_60", "pcontext_59", "coco_object_81", "coco_stuff_171",
@@ -231,12 +230,7 @@ def test_method_configs_select_their_reference_files():
 
 
 def _load_train_net():
-    spec = importlib.util.spec_from_file_location(
-        "_train_net_under_test", REPO_ROOT / "tools" / "train_net.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/train_net.py")
 
 
 def test_eval_only_prompts_with_the_selected_set(tmp_path, monkeypatch, restore_ovseg_logging):

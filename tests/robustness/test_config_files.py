@@ -11,8 +11,8 @@ import pytest
 
 import ovseg
 from ovseg.errors import ConfigError
-from tests.helpers import REPO_ROOT
-from tests.robustness.scripts import load_script, one_error_line
+from tests.helpers import REPO_ROOT, load_script
+from tests.robustness.scripts import one_error_line
 
 BASE = REPO_ROOT / "configs" / "tiny" / "dense_clip_tiny.yaml"
 

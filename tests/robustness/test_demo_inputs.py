@@ -11,7 +11,6 @@ known when it is read, so it is skipped and reported, and the run goes on.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import re
 from pathlib import Path
@@ -23,16 +22,14 @@ from PIL import Image
 
 import ovseg
 from ovseg.methods.base import Prediction
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny" / "dense_clip_tiny.yaml"
 
 
 def _load_demo():
-    spec = importlib.util.spec_from_file_location("ovseg_demo_inputs", REPO / "demo" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo/demo.py")
 
 
 demo = _load_demo()

@@ -19,7 +19,8 @@ from ovseg.config import save_config
 from ovseg.engine import hooks
 from ovseg.errors import WriteError
 from ovseg.evaluation.sem_seg import SemSegEvaluator, write_results
-from tests.robustness.scripts import files_under, load_script, one_error_line
+from tests.helpers import load_script
+from tests.robustness.scripts import files_under, one_error_line
 from tests.test_engine_checkpoint import make, step
 from tests.test_engine_train import make_toy_dataset, write_config
 

@@ -10,7 +10,8 @@ import pytest
 
 from ovseg.errors import WriteError
 from ovseg.io import ensure_writable_dir
-from tests.robustness.scripts import files_under, load_script, one_error_line
+from tests.helpers import load_script
+from tests.robustness.scripts import files_under, one_error_line
 
 CONFIG = "configs/tiny/linear_probe_tiny.yaml"
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.scannet import build_scannet_scene, sens_bytes
-from tests.robustness.scripts import files_under, load_script, one_error_line
+from tests.helpers import load_script
+from tests.robustness.scripts import files_under, one_error_line
 
 ade847 = load_script("datasets/prepare_ade20k_847.py")
 prepare_scannet = load_script("datasets/prepare_scannet.py")

@@ -19,7 +19,8 @@ from PIL import Image
 import ovseg
 from ovseg.errors import VocabularyError
 from ovseg.text.vocabulary import as_vocabulary, read_vocabulary_file
-from tests.robustness.scripts import load_script, one_error_line
+from tests.helpers import load_script
+from tests.robustness.scripts import one_error_line
 
 BAD_FILES = {
     # name: (file bytes, text the message holds)
